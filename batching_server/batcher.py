@@ -1,0 +1,377 @@
+"""The dynamic batcher: a bounded queue, the batch-forming rule, dispatch and result routing.
+
+It is plain asyncio and knows nothing of HTTP; ``app.py`` wires it into aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, Protocol, TypeVar
+
+import structlog
+
+from .errors import BatcherClosedError, DeadlineExceededError, InferenceError, QueueFullError
+
+__all__ = [
+    "BatchInfo",
+    "BatchPlan",
+    "Batcher",
+    "BatcherObserver",
+    "DispatchReason",
+    "DropReason",
+    "plan_batch",
+]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+DispatchReason = Literal["full", "timeout", "drain"]
+DropReason = Literal["cancelled", "expired", "rejected"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPlan:
+    """What to do next: take ``size`` items now for ``reason``, or wait until ``wake_at``."""
+
+    size: int = 0
+    reason: DispatchReason | None = None
+    wake_at: float | None = None
+
+
+def plan_batch(
+    *,
+    queued: int,
+    oldest_enqueued_at: float | None,
+    now: float,
+    max_batch_size: int,
+    max_wait_s: float,
+    draining: bool = False,
+) -> BatchPlan:
+    """Decide whether the next batch goes now, and how big it is.
+
+    A batch goes as soon as it is full, or once its oldest item has waited ``max_wait_s``;
+    while draining, whatever is queued goes at once. ``wake_at is None`` means wait for an
+    arrival.
+    """
+    if queued == 0 or oldest_enqueued_at is None:
+        return BatchPlan()
+    if queued >= max_batch_size:
+        return BatchPlan(size=max_batch_size, reason="full")
+    if draining:
+        return BatchPlan(size=queued, reason="drain")
+    deadline = oldest_enqueued_at + max_wait_s
+    if now >= deadline:
+        return BatchPlan(size=queued, reason="timeout")
+    return BatchPlan(wake_at=deadline)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInfo:
+    """Facts about one dispatched batch, for the model, metrics, traces and logs."""
+
+    size: int
+    reason: DispatchReason
+    dispatched_at: float
+    queue_waits_s: tuple[float, ...]
+
+
+class BatcherObserver(Protocol):
+    """Receives the batcher's events, always on the event loop thread."""
+
+    def on_queue_size(self, size: int) -> None: ...
+    def on_dispatch(self, info: BatchInfo) -> None: ...
+    def on_batch_done(
+        self, info: BatchInfo, duration_s: float, error: BaseException | None
+    ) -> None: ...
+    def on_drop(self, reason: DropReason, count: int) -> None: ...
+
+
+class _NullObserver:
+    def on_queue_size(self, size: int) -> None:
+        pass
+
+    def on_dispatch(self, info: BatchInfo) -> None:
+        pass
+
+    def on_batch_done(
+        self, info: BatchInfo, duration_s: float, error: BaseException | None
+    ) -> None:
+        pass
+
+    def on_drop(self, reason: DropReason, count: int) -> None:
+        pass
+
+
+@dataclass(eq=False, slots=True)
+class _Pending(Generic[T, R]):
+    item: T
+    future: asyncio.Future[R]
+    enqueued_at: float
+    deadline: float | None
+    queued: bool = field(default=True)
+
+
+def _resolve(future: asyncio.Future[R], result: R) -> None:
+    # A caller that timed out or went away has a cancelled future: completing it would raise
+    # InvalidStateError, so every completion checks first.
+    if not future.done():
+        future.set_result(result)
+
+
+def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+BatchFunction = Callable[[Sequence[T], BatchInfo], Awaitable[Sequence[R]]]
+
+
+class Batcher(Generic[T, R]):
+    """Groups submitted items into batches and runs ``batch_fn`` once per batch.
+
+    ``batch_fn`` gets the items in submission order and must return one result per item.
+    """
+
+    def __init__(
+        self,
+        batch_fn: BatchFunction[T, R],
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue_size: int,
+        max_concurrent_batches: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+        observer: BatcherObserver | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_s must not be negative, got {max_wait_s}")
+        if max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be at least 1, got {max_queue_size}")
+        if max_concurrent_batches < 1:
+            raise ValueError(
+                f"max_concurrent_batches must be at least 1, got {max_concurrent_batches}"
+            )
+        self._batch_fn = batch_fn
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue_size = max_queue_size
+        self._clock = clock
+        self._observer: BatcherObserver = observer or _NullObserver()
+        self._queue: deque[_Pending[T, R]] = deque()
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(max_concurrent_batches)
+        self._running: set[asyncio.Task[None]] = set()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def queue_size(self) -> int:
+        """Items waiting for a batch (not counting those in a running batch)."""
+        return len(self._queue)
+
+    @property
+    def running_batches(self) -> int:
+        """Batches whose forward pass is in flight."""
+        return len(self._running)
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called: submissions are refused."""
+        return self._closed
+
+    def start(self) -> None:
+        """Start dispatching; call once, inside the running loop."""
+        if self._dispatcher is not None:
+            raise RuntimeError("Batcher.start() was called twice")
+        self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="batcher-dispatch")
+
+    async def submit(self, item: T, *, timeout_s: float | None = None) -> R:
+        """Queue one item and return its result, or raise its error."""
+        (result,) = await self.submit_many((item,), timeout_s=timeout_s)
+        return result
+
+    async def submit_many(self, items: Iterable[T], *, timeout_s: float | None = None) -> list[R]:
+        """Queue several items at once, all or none, and return their results in order.
+
+        Raises ``QueueFullError`` when they do not all fit, ``DeadlineExceededError`` when
+        ``timeout_s`` seconds pass first, and ``InferenceError`` when their batch fails.
+        """
+        items = list(items)
+        if self._closed or self._dispatcher is None:
+            raise BatcherClosedError("the server is shutting down and accepts no new images")
+        if self._dispatcher.done():
+            raise InferenceError("the batcher stopped unexpectedly")
+        if len(self._queue) + len(items) > self.max_queue_size:
+            self._observer.on_drop("rejected", len(items))
+            raise QueueFullError(
+                f"the inference queue is full ({len(self._queue)} of {self.max_queue_size} "
+                "images waiting); retry later"
+            )
+        loop = asyncio.get_running_loop()
+        now = self._clock()
+        deadline = None if timeout_s is None else now + timeout_s
+        pending = [_Pending[T, R](item, loop.create_future(), now, deadline) for item in items]
+        self._queue.extend(pending)
+        self._observer.on_queue_size(len(self._queue))
+        self._wakeup.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                return list(await asyncio.gather(*(p.future for p in pending)))
+        except TimeoutError:
+            self._withdraw(pending, "expired")
+            raise DeadlineExceededError(
+                f"no result within the request deadline of {timeout_s:.3f} s"
+            ) from None
+        except BaseException:
+            # Cancelled (client gone) or a failed batch: the rest of this request's items
+            # must not cost compute, so they leave the queue now.
+            self._withdraw(pending, "cancelled")
+            raise
+
+    def _withdraw(self, pending: list[_Pending[T, R]], reason: DropReason) -> None:
+        queued = [p for p in pending if p.queued]
+        for p in pending:
+            p.future.cancel()
+        if not queued:
+            return
+        gone = set(map(id, queued))
+        self._queue = deque(p for p in self._queue if id(p) not in gone)
+        for p in queued:
+            p.queued = False
+        self._observer.on_drop(reason, len(queued))
+        self._observer.on_queue_size(len(self._queue))
+
+    async def close(self) -> None:
+        """Refuse new items, dispatch everything queued, and wait for running batches."""
+        self._closed = True
+        self._wakeup.set()
+        if self._dispatcher is not None:
+            await self._dispatcher
+        while self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def _dispatch_loop(self) -> None:
+        try:
+            while True:
+                # Take a slot before forming a batch: items that arrive while the model is
+                # busy then join the next batch instead of waiting behind a half-empty one.
+                await self._slots.acquire()
+                batch = await self._next_batch()
+                if batch is None:
+                    self._slots.release()
+                    return
+                info, live = batch
+                task = asyncio.create_task(self._run(info, live), name="batcher-run")
+                self._running.add(task)
+                task.add_done_callback(self._batch_finished)
+        except BaseException as exc:
+            # Nothing may wait forever on a future whose dispatcher is gone.
+            for p in self._queue:
+                _fail(p.future, BatcherClosedError("the batcher stopped"))
+            self._queue.clear()
+            if not isinstance(exc, asyncio.CancelledError):
+                log.exception("batcher_crashed")
+            raise
+
+    def _batch_finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._slots.release()
+
+    async def _next_batch(self) -> tuple[BatchInfo, list[_Pending[T, R]]] | None:
+        while True:
+            now = self._clock()
+            plan = plan_batch(
+                queued=len(self._queue),
+                oldest_enqueued_at=self._queue[0].enqueued_at if self._queue else None,
+                now=now,
+                max_batch_size=self.max_batch_size,
+                max_wait_s=self.max_wait_s,
+                draining=self._closed,
+            )
+            if plan.reason is not None:
+                batch = self._take(plan.size, plan.reason, now)
+                if batch is not None:
+                    return batch
+                continue
+            if self._closed:
+                return None
+            self._wakeup.clear()
+            timeout = None if plan.wake_at is None else max(0.0, plan.wake_at - now)
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                pass
+
+    def _take(
+        self, size: int, reason: DispatchReason, now: float
+    ) -> tuple[BatchInfo, list[_Pending[T, R]]] | None:
+        live: list[_Pending[T, R]] = []
+        cancelled = expired = 0
+        for _ in range(size):
+            p = self._queue.popleft()
+            p.queued = False
+            if p.future.done():
+                cancelled += 1
+            elif p.deadline is not None and now >= p.deadline:
+                # Its caller is about to time out: spend no compute on it.
+                _fail(p.future, DeadlineExceededError("the request deadline passed in the queue"))
+                expired += 1
+            else:
+                live.append(p)
+        self._observer.on_queue_size(len(self._queue))
+        if cancelled:
+            self._observer.on_drop("cancelled", cancelled)
+        if expired:
+            self._observer.on_drop("expired", expired)
+        if not live:
+            return None
+        info = BatchInfo(
+            size=len(live),
+            reason=reason,
+            dispatched_at=now,
+            queue_waits_s=tuple(now - p.enqueued_at for p in live),
+        )
+        return info, live
+
+    async def _run(self, info: BatchInfo, live: list[_Pending[T, R]]) -> None:
+        self._observer.on_dispatch(info)
+        started = self._clock()
+        error: BaseException | None = None
+        try:
+            results = await self._batch_fn([p.item for p in live], info)
+            if len(results) != len(live):
+                raise InferenceError(
+                    f"the model returned {len(results)} results for a batch of {len(live)}"
+                )
+        except asyncio.CancelledError as exc:
+            error = exc
+            for p in live:
+                _fail(p.future, BatcherClosedError("the batch was cancelled"))
+            raise
+        except Exception as exc:
+            error = exc
+            log.error("batch_failed", size=info.size, reason=info.reason, exc_info=exc)
+            message = (
+                exc.message
+                if isinstance(exc, InferenceError)
+                else "inference failed for this request's batch"
+            )
+            for p in live:
+                # One exception object per caller: each raise mutates its traceback.
+                public = InferenceError(message)
+                public.__cause__ = exc
+                _fail(p.future, public)
+        else:
+            for p, result in zip(live, results, strict=True):
+                _resolve(p.future, result)
+        finally:
+            self._observer.on_batch_done(info, self._clock() - started, error)

@@ -1,0 +1,101 @@
+"""The service's error types and the HTTP status each one maps to, in one place."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadImageError",
+    "BadRequestError",
+    "BatcherClosedError",
+    "DeadlineExceededError",
+    "ImageTooLargeError",
+    "InferenceError",
+    "ModelLoadError",
+    "NotReadyError",
+    "PayloadTooLargeError",
+    "QueueFullError",
+    "ServiceError",
+    "UnsupportedMediaTypeError",
+]
+
+
+class ServiceError(Exception):
+    """An error that is the client's to see: it carries a status, a type and a safe message."""
+
+    status: int = 500
+    error_type: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequestError(ServiceError):
+    """The request is malformed: a missing field, a bad query parameter, too many files."""
+
+    status = 400
+    error_type = "bad_request"
+
+
+class BadImageError(BadRequestError):
+    """The upload is not an image Pillow can decode, or it is corrupt or truncated."""
+
+    error_type = "invalid_image"
+
+
+class PayloadTooLargeError(ServiceError):
+    """The request body is larger than ``limits.max_upload_bytes``."""
+
+    status = 413
+    error_type = "payload_too_large"
+
+
+class ImageTooLargeError(ServiceError):
+    """The image declares more pixels than ``limits.max_image_pixels``."""
+
+    status = 413
+    error_type = "image_too_large"
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    """The request body is not multipart/form-data."""
+
+    status = 415
+    error_type = "unsupported_media_type"
+
+
+class QueueFullError(ServiceError):
+    """The batcher's queue holds ``batching.max_queue_size`` images already."""
+
+    status = 503
+    error_type = "queue_full"
+
+
+class NotReadyError(ServiceError):
+    """The model is not loaded and warmed up yet, or the server is shutting down."""
+
+    status = 503
+    error_type = "not_ready"
+
+
+class BatcherClosedError(NotReadyError):
+    """The batcher no longer accepts work because the server is shutting down."""
+
+    error_type = "shutting_down"
+
+
+class DeadlineExceededError(ServiceError):
+    """The request did not finish within its deadline (``batching.request_timeout_s``)."""
+
+    status = 504
+    error_type = "deadline_exceeded"
+
+
+class InferenceError(ServiceError):
+    """The forward pass failed for the batch this request was part of."""
+
+    status = 500
+    error_type = "inference_failed"
+
+
+class ModelLoadError(Exception):
+    """The model or its weights could not be loaded; the message names the fix."""

@@ -1,0 +1,173 @@
+"""HTTP endpoints: read uploads, preprocess off the loop, await the batcher, answer JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import torch
+from aiohttp import web
+
+from . import __version__
+from .appkeys import (
+    BATCHER,
+    CLASSIFIER,
+    PREPROCESS_POOL,
+    PREPROCESSOR,
+    READINESS,
+    REQUEST_ID,
+    SETTINGS,
+)
+from .errors import BadRequestError, DeadlineExceededError, NotReadyError, ServiceError
+from .model import ImageInput
+from .responses import json_response
+from .uploads import Upload, read_uploads
+
+__all__ = ["ROUTES", "health", "index", "predict", "ready"]
+
+
+def _top_k(request: web.Request, num_classes: int) -> int | None:
+    raw = request.query.get("top_k")
+    if raw is None:
+        return None
+    k = int(raw) if raw.isdigit() else 0
+    if not 1 <= k <= num_classes:
+        raise BadRequestError(f"top_k must be an integer from 1 to {num_classes}, got {raw!r}")
+    return k
+
+
+async def _read_and_preprocess(request: web.Request) -> list[torch.Tensor]:
+    """Tensors for every ``file`` part, in order; decoding starts as each part arrives."""
+    app = request.app
+    limits = app[SETTINGS].limits
+    loop = asyncio.get_running_loop()
+    uploads: list[Upload] = []
+    tasks: list[asyncio.Future[torch.Tensor]] = []
+    try:
+        async for upload in read_uploads(
+            request,
+            max_upload_bytes=limits.max_upload_bytes,
+            max_files=limits.max_files_per_request,
+        ):
+            uploads.append(upload)
+            tasks.append(loop.run_in_executor(app[PREPROCESS_POOL], app[PREPROCESSOR], upload.data))
+        tensors = []
+        for upload, task in zip(uploads, tasks, strict=True):
+            try:
+                tensors.append(await task)
+            except ServiceError as exc:
+                if len(uploads) > 1:
+                    name = f" ({upload.filename})" if upload.filename else ""
+                    exc.message = f"file {upload.index + 1}{name}: {exc.message}"
+                raise
+        return tensors
+    finally:
+        # A bad part or a gone client: decodes not yet started need not run.
+        for task in tasks:
+            task.cancel()
+
+
+def _result(
+    probabilities: torch.Tensor, labels_top: list[tuple[str, float]], top_k: int | None
+) -> dict[str, Any]:
+    label, confidence = labels_top[0]
+    result: dict[str, Any] = {"prediction": label, "confidence": confidence}
+    if top_k is not None:
+        result["top_k"] = [
+            {"label": name, "confidence": score} for name, score in labels_top[:top_k]
+        ]
+    return result
+
+
+async def predict(request: web.Request) -> web.Response:
+    """Classify each uploaded ``file`` part; each part is one batch item."""
+    started = time.monotonic()
+    app = request.app
+    readiness = app[READINESS]
+    if not readiness.ready:
+        raise NotReadyError(f"the server is not ready: {readiness.reason}")
+    settings, classifier = app[SETTINGS], app[CLASSIFIER]
+    top_k = _top_k(request, len(classifier.labels))
+    request_id = request[REQUEST_ID]
+
+    tensors = await _read_and_preprocess(request)
+    remaining = settings.batching.request_timeout_s - (time.monotonic() - started)
+    if remaining <= 0:
+        raise DeadlineExceededError(
+            f"the request deadline of {settings.batching.request_timeout_s} s passed "
+            "before inference"
+        )
+    inputs = [ImageInput(pixels=t, request_id=request_id) for t in tensors]
+    outputs = await app[BATCHER].submit_many(inputs, timeout_s=remaining)
+
+    results = [_result(p, classifier.top_k(p, top_k or 1), top_k) for p in outputs]
+    if len(results) == 1:
+        body: dict[str, Any] = {**results[0], "request_id": request_id}
+    else:
+        body = {"predictions": results, "request_id": request_id}
+    return json_response(body)
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness: 200 while the process serves requests."""
+    return json_response({"status": "healthy", "timestamp": time.time()})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: 200 once the model is loaded and warmed up, else 503 with the reason."""
+    readiness = request.app[READINESS]
+    if readiness.ready:
+        return json_response({"status": "ready", "model_loaded": True, "timestamp": time.time()})
+    return json_response(
+        {
+            "status": "not_ready",
+            "model_loaded": CLASSIFIER in request.app,
+            "reason": readiness.reason,
+            "timestamp": time.time(),
+        },
+        status=503,
+    )
+
+
+async def index(request: web.Request) -> web.Response:
+    """Service name, version, a settings summary and the endpoints."""
+    settings = request.app[SETTINGS]
+    classifier = request.app.get(CLASSIFIER)
+    return json_response(
+        {
+            "service": "batching_server",
+            "version": __version__,
+            "model": {
+                "name": "resnet50",
+                "weights": settings.model.weights,
+                "device": str(classifier.device) if classifier else None,
+                "classes": len(classifier.labels) if classifier else None,
+            },
+            "batching": {
+                "max_batch_size": settings.batching.max_batch_size,
+                "max_wait_ms": settings.batching.max_wait_ms,
+                "max_queue_size": settings.batching.max_queue_size,
+                "request_timeout_s": settings.batching.request_timeout_s,
+            },
+            "limits": {
+                "max_upload_bytes": settings.limits.max_upload_bytes,
+                "max_image_pixels": settings.limits.max_image_pixels,
+                "max_files_per_request": settings.limits.max_files_per_request,
+            },
+            "endpoints": {
+                "POST /predict": "classify images: multipart field 'file', optional ?top_k=N",
+                "GET /health": "liveness",
+                "GET /ready": "readiness (model loaded and warmed up)",
+                "GET /": "this summary",
+            },
+        }
+    )
+
+
+ROUTES = [
+    web.post("/predict", predict),
+    web.get("/health", health, allow_head=False),
+    web.get("/ready", ready, allow_head=False),
+    web.get("/", index, allow_head=False),
+]

@@ -1,0 +1,85 @@
+"""Middlewares: request ids, errors as JSON (never a traceback), one log line per request."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .appkeys import REQUEST_ID
+from .errors import ServiceError
+from .responses import error_response
+
+__all__ = ["REQUEST_ID_HEADER", "request_context_middleware"]
+
+log = structlog.get_logger("batching_server.access")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+# Client ids end up in logs and headers: accept only short, printable, unambiguous ones.
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
+
+# Headers of aiohttp's own HTTP errors that the JSON error must keep (405 lists methods).
+_KEPT_HEADERS = ("Allow",)
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given if _SANE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def _route(request: web.Request) -> str:
+    # The template, not the raw path, so logs and metrics have bounded cardinality.
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def request_context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Assign the request id, turn every error into JSON, and log the outcome."""
+    started = time.perf_counter()
+    request_id = _request_id(request)
+    request[REQUEST_ID] = request_id
+    error_type: str | None = None
+    try:
+        response = await handler(request)
+    except ServiceError as exc:
+        error_type = exc.error_type
+        response = error_response(
+            status=exc.status, error_type=exc.error_type, message=exc.message, request_id=request_id
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error_type = exc.reason.lower().replace(" ", "_")
+        response = error_response(
+            status=exc.status,
+            error_type=error_type,
+            message=f"{exc.reason}: {request.method} {request.path}",
+            request_id=request_id,
+            headers={k: exc.headers[k] for k in _KEPT_HEADERS if k in exc.headers},
+        )
+    except Exception:
+        # The traceback goes to the log, never to the client.
+        error_type = "internal_error"
+        log.exception("unhandled_error", request_id=request_id, route=_route(request))
+        response = error_response(
+            status=500,
+            error_type="internal_error",
+            message="internal server error; quote the request_id when reporting it",
+            request_id=request_id,
+        )
+    response.headers[REQUEST_ID_HEADER] = request_id
+    log.info(
+        "request_failed" if error_type else "request_completed",
+        request_id=request_id,
+        method=request.method,
+        route=_route(request),
+        status=response.status,
+        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        **({"error_type": error_type} if error_type else {}),
+    )
+    return response

@@ -1,0 +1,205 @@
+"""ResNet-50: weight loading, the dedicated inference thread, warm-up and the forward pass."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from torch import nn
+from torchvision.models import ResNet50_Weights, resnet50
+
+from .batcher import BatchInfo
+from .errors import ModelLoadError
+from .settings import ModelSettings
+
+__all__ = ["LABELS", "Classifier", "ImageInput", "load_classifier", "resolve_device"]
+
+log = structlog.get_logger(__name__)
+
+MODEL_NAME = "resnet50"
+INPUT_SIZE = 224
+# The class names ship inside torchvision itself, so they are there offline too.
+LABELS: tuple[str, ...] = tuple(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInput:
+    """One preprocessed image on its way through the batcher."""
+
+    pixels: torch.Tensor  # (3, 224, 224) float32, normalised
+    request_id: str
+
+
+def default_thread_count() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def resolve_device(requested: str) -> torch.device:
+    """Map ``auto``/``cpu``/``cuda`` to a device, refusing CUDA when there is none."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            "model.device is 'cuda' but no CUDA device is available to torch "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). "
+            "Fix: run on a machine with a GPU and a CUDA build of torch, or set "
+            "model.device to 'cpu' or 'auto'."
+        )
+    return torch.device(requested)
+
+
+def _state_dict_from_file(path: Path) -> Mapping[str, torch.Tensor]:
+    try:
+        loaded: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not read the state_dict file {str(path)!r}: {exc}. Fix: point "
+            "model.weights at a file saved with torch.save(model.state_dict(), path)."
+        ) from exc
+    # Training checkpoints often wrap the weights; DataParallel prefixes every key.
+    for key in ("state_dict", "model"):
+        if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
+            loaded = loaded[key]
+    if not isinstance(loaded, Mapping):
+        raise ModelLoadError(
+            f"{str(path)!r} holds a {type(loaded).__name__}, not a state_dict. Fix: save "
+            "torch.save(model.state_dict(), path)."
+        )
+    return {str(k).removeprefix("module."): v for k, v in loaded.items()}
+
+
+def _load_module(weights: str, seed: int) -> nn.Module:
+    if weights == "random":
+        # Seeded so every process (and every test run) gets the same network.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            seeded: nn.Module = resnet50(weights=None)
+            return seeded
+    if weights in ResNet50_Weights.__members__:
+        named = ResNet50_Weights[weights]
+        try:
+            state_dict = named.get_state_dict(progress=False, check_hash=True)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"could not obtain the ResNet-50 weights {weights} ({named.url}): {exc}. "
+                "Fix: run once with network access so torchvision caches them under "
+                f"{torch.hub.get_dir()}/checkpoints, or set model.weights to a local "
+                "state_dict file, or (for tests only: predictions are meaningless) to 'random'."
+            ) from exc
+    else:
+        state_dict = _state_dict_from_file(Path(weights))
+    module: nn.Module = resnet50(weights=None)
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(
+            f"the weights {weights!r} do not fit torchvision's ResNet-50: "
+            f"{str(exc).splitlines()[0]}... Fix: use a state_dict of "
+            "torchvision.models.resnet50."
+        ) from exc
+    return module
+
+
+def _configure_thread(num_threads: int) -> None:
+    torch.set_num_threads(num_threads)
+
+
+class Classifier:
+    """ResNet-50 behind its own executor thread, so forward passes never block the loop."""
+
+    name = MODEL_NAME
+
+    def __init__(
+        self,
+        *,
+        module: nn.Module,
+        device: torch.device,
+        weights: str,
+        num_threads: int,
+        max_concurrent_batches: int = 1,
+    ) -> None:
+        self.module = module.eval().to(device)
+        self.device = device
+        self.weights = weights
+        self.num_threads = num_threads
+        self.labels = LABELS
+        self._executor = ThreadPoolExecutor(
+            max_workers=max_concurrent_batches,
+            thread_name_prefix="model",
+            initializer=_configure_thread,
+            initargs=(num_threads,),
+        )
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (N, 1000) on the CPU for a (N, 3, 224, 224) batch; blocking."""
+        with torch.inference_mode():
+            logits = self.module(pixels.to(self.device, non_blocking=True))
+            return torch.softmax(logits.float(), dim=1).cpu()
+
+    def _forward_inputs(self, items: Sequence[ImageInput]) -> list[torch.Tensor]:
+        probabilities = self.forward(torch.stack([item.pixels for item in items]))
+        return list(probabilities.unbind(0))
+
+    async def predict_batch(
+        self, items: Sequence[ImageInput], info: BatchInfo
+    ) -> list[torch.Tensor]:
+        """Run one forward pass for a batch; one probability vector per item."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._forward_inputs, items)
+
+    async def warmup(self, batch_sizes: Iterable[int]) -> float:
+        """Run one forward pass per batch size; returns the seconds it took."""
+        sizes = sorted(set(batch_sizes))
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        for size in sizes:
+            dummy = torch.zeros(size, 3, INPUT_SIZE, INPUT_SIZE)
+            await loop.run_in_executor(self._executor, self.forward, dummy)
+        return time.perf_counter() - started
+
+    def top_k(self, probabilities: torch.Tensor, k: int) -> list[tuple[str, float]]:
+        """The ``k`` most likely labels with their probabilities, most likely first."""
+        values, indices = torch.topk(probabilities, k)
+        return [
+            (self.labels[i], float(v))
+            for v, i in zip(values.tolist(), indices.tolist(), strict=True)
+        ]
+
+    def close(self) -> None:
+        """Stop the inference thread after the batch it is running."""
+        self._executor.shutdown(wait=True)
+
+
+def load_classifier(settings: ModelSettings, *, max_concurrent_batches: int = 1) -> Classifier:
+    """Load ResNet-50 as ``settings`` say; raises ``ModelLoadError`` with the fix."""
+    device = resolve_device(settings.device)
+    num_threads = settings.num_threads or default_thread_count()
+    torch.set_num_threads(num_threads)
+    started = time.perf_counter()
+    module = _load_module(settings.weights, settings.seed)
+    classifier = Classifier(
+        module=module,
+        device=device,
+        weights=settings.weights,
+        num_threads=num_threads,
+        max_concurrent_batches=max_concurrent_batches,
+    )
+    log.info(
+        "model_loaded",
+        model=MODEL_NAME,
+        weights=settings.weights,
+        device=str(device),
+        num_threads=num_threads,
+        load_seconds=round(time.perf_counter() - started, 3),
+        parameter_bytes=sum(p.numel() * p.element_size() for p in module.parameters()),
+    )
+    return classifier

@@ -1,0 +1,109 @@
+"""Image bytes to a normalised tensor: limits, decode, EXIF orientation, mode, transforms.
+
+Runs in a thread pool, never on the event loop: Pillow and torch release the GIL here.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
+from torchvision.models import ResNet50_Weights
+
+from .errors import BadImageError, ImageTooLargeError
+
+__all__ = ["ACCEPTED_FORMATS", "Preprocessor", "reference_transform"]
+
+# Formats a camera, phone or browser produces. Leaving out the rest (EPS, for one, shells
+# out to Ghostscript) keeps Pillow's least-audited decoders away from untrusted bytes.
+ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+
+# We check limits.max_image_pixels ourselves from the header, before any pixel is decoded.
+# Pillow's own guard would only warn below twice its limit, and warnings are not a policy.
+Image.MAX_IMAGE_PIXELS = None
+# Register every plugin now: Image.open(formats=...) looks them up without doing it itself.
+Image.init()
+
+_WHITE = (255, 255, 255, 255)
+
+
+def reference_transform(weights: str) -> nn.Module:
+    """torchvision's own transform for ``weights``; V2's for 'random' and checkpoint files."""
+    named = ResNet50_Weights[weights] if weights in ResNet50_Weights.__members__ else None
+    transform: nn.Module = (named or ResNet50_Weights.IMAGENET1K_V2).transforms()
+    return transform
+
+
+def _open(data: bytes, max_image_pixels: int) -> Image.Image:
+    if not data:
+        raise BadImageError("the uploaded file is empty")
+    try:
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError:
+        raise BadImageError(
+            "the upload is not an image in a supported format (" + ", ".join(ACCEPTED_FORMATS) + ")"
+        ) from None
+    except Exception as exc:  # malformed headers raise a zoo of types inside Pillow
+        raise BadImageError(f"the image header is corrupt ({type(exc).__name__})") from None
+    width, height = image.size
+    if width * height > max_image_pixels:
+        raise ImageTooLargeError(
+            f"the image is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{max_image_pixels} (limits.max_image_pixels)"
+        )
+    if width == 0 or height == 0:
+        raise BadImageError(f"the image has no pixels ({width}x{height})")
+    try:
+        # Only the first frame of an animation or a multi-page file is decoded.
+        image.load()
+    except Exception as exc:
+        raise BadImageError(
+            f"the image data is corrupt or truncated ({type(exc).__name__})"
+        ) from None
+    return image
+
+
+def _orient(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:
+        # A broken EXIF block does not make the pixels wrong; classify them as stored.
+        return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # High-bit-depth greyscale: Pillow's convert() would clip to 255, not rescale.
+        values = np.asarray(image, dtype=np.float32)
+        scale = 255.0 if mode == "F" and values.max(initial=0.0) <= 1.0 else 1 / 257
+        grey = np.clip(values * scale, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        # Transparent pixels often hold garbage colour; white is what a viewer shows.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE)
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class Preprocessor:
+    """Turns uploaded bytes into the (3, 224, 224) tensor the chosen weights expect."""
+
+    def __init__(self, *, weights: str, max_image_pixels: int) -> None:
+        self.transform = reference_transform(weights)
+        self.max_image_pixels = max_image_pixels
+
+    def decode(self, data: bytes) -> Image.Image:
+        """Decode to an upright RGB image, enforcing the pixel limit before decoding."""
+        return _to_rgb(_orient(_open(data, self.max_image_pixels)))
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        """Decode and transform; raises ``BadImageError`` or ``ImageTooLargeError``."""
+        tensor: torch.Tensor = self.transform(self.decode(data))
+        return tensor

@@ -1,0 +1,274 @@
+"""Settings: load ``settings.toml`` and ``BATCHING_SERVER_*`` variables, validate, freeze.
+
+Every key has a default here, so the server runs with no file at all. Validation collects
+every problem before it fails, so an operator fixes a bad config in one pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dynaconf import Dynaconf
+
+__all__ = [
+    "ENV_PREFIX",
+    "BatchingSettings",
+    "LimitsSettings",
+    "LoggingSettings",
+    "ModelSettings",
+    "ServerSettings",
+    "Settings",
+    "SettingsError",
+    "load_settings",
+    "settings_from_mapping",
+]
+
+ENV_PREFIX = "BATCHING_SERVER"
+NAMED_WEIGHTS = ("IMAGENET1K_V1", "IMAGENET1K_V2")
+
+Check = Callable[[Any], Any]
+
+
+class SettingsError(Exception):
+    """One or more settings are invalid; ``problems`` lists each one."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"invalid settings ({len(problems)} {noun}):\n{lines}")
+
+
+# Each check takes the raw value and returns the typed one, or raises ValueError with the
+# expectation in words; the caller prefixes the key and appends the bad value.
+
+
+def _integer(low: int, high: int) -> Check:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"an integer from {low} to {high}")
+        return value
+
+    return check
+
+
+def _number(low: float, high: float) -> Check:
+    def check(value: Any) -> float:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not low <= value <= high
+        ):
+            raise ValueError(f"a number from {low:g} to {high:g}")
+        return float(value)
+
+    return check
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("true or false")
+    return value
+
+
+def _choice(*choices: str, case_insensitive: bool = False) -> Check:
+    def check(value: Any) -> str:
+        if isinstance(value, str):
+            wanted = value.upper() if case_insensitive else value
+            for choice in choices:
+                if wanted == (choice.upper() if case_insensitive else choice):
+                    return choice
+        raise ValueError("one of " + ", ".join(repr(c) for c in choices))
+
+    return check
+
+
+def _host(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value):
+        raise ValueError("a host name or IP address without spaces, such as '127.0.0.1'")
+    return value
+
+
+def _weights(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"one of {', '.join(NAMED_WEIGHTS)}, 'random', or a path to a state_dict")
+    if value in NAMED_WEIGHTS or value == "random":
+        return value
+    if value.upper() in NAMED_WEIGHTS:
+        return value.upper()
+    if not Path(value).expanduser().is_file():
+        raise ValueError(
+            f"one of {', '.join(NAMED_WEIGHTS)}, 'random', or the path of an existing "
+            "state_dict file (no such file)"
+        )
+    return str(Path(value).expanduser())
+
+
+def _setting(default: Any, check: Check, doc: str) -> Any:
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerSettings:
+    """Where the HTTP server listens and how long it may take to drain."""
+
+    host: str = _setting("127.0.0.1", _host, "interface to bind")
+    port: int = _setting(8080, _integer(0, 65535), "TCP port (0 picks a free one)")
+    graceful_shutdown_timeout_s: float = _setting(
+        30.0, _number(0, 3600), "time to finish accepted requests after SIGTERM"
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchingSettings:
+    """How the dynamic batcher groups images into forward passes."""
+
+    max_batch_size: int = _setting(8, _integer(1, 256), "images in one forward pass at most")
+    max_wait_ms: float = _setting(
+        10.0, _number(0, 10_000), "longest the oldest queued image waits for a fuller batch"
+    )
+    max_queue_size: int = _setting(64, _integer(1, 100_000), "images waiting, at most")
+    request_timeout_s: float = _setting(30.0, _number(0.001, 3600), "deadline of one request")
+    max_concurrent_batches: int = _setting(1, _integer(1, 16), "forward passes in flight")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelSettings:
+    """Which weights to load, where to run them and how to prepare the process."""
+
+    weights: str = _setting("IMAGENET1K_V2", _weights, "named weights, 'random' or a path")
+    device: str = _setting("auto", _choice("auto", "cpu", "cuda"), "where the model runs")
+    warmup: bool = _setting(True, _boolean, "run every batch size once before ready")
+    num_threads: int = _setting(0, _integer(0, 1024), "torch intra-op threads (0: one per core)")
+    seed: int = _setting(0, _integer(0, 2**32 - 1), "seed of the 'random' weights")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitsSettings:
+    """Input limits that keep one request from costing unbounded memory or time."""
+
+    max_upload_bytes: int = _setting(
+        20 * 1024 * 1024, _integer(1024, 2**31), "request body size at most"
+    )
+    max_image_pixels: int = _setting(
+        50_000_000, _integer(1, 1_000_000_000), "width x height at most, checked before decoding"
+    )
+    max_files_per_request: int = _setting(16, _integer(1, 1024), "file parts in one request")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoggingSettings:
+    """Log level and format."""
+
+    level: str = _setting(
+        "INFO",
+        _choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", case_insensitive=True),
+        "lowest level written",
+    )
+    format: str = _setting("json", _choice("json", "text"), "json lines, or text for a terminal")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """The whole validated configuration."""
+
+    server: ServerSettings = field(default_factory=ServerSettings)
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+
+    def replace(self, **sections: Mapping[str, Any]) -> Settings:
+        """Return a copy with some keys changed, validated like a file would be."""
+        raw = {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
+        for name, values in sections.items():
+            raw.setdefault(name, {}).update(values)
+        return settings_from_mapping(raw)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in dataclasses.fields(Settings)
+}
+
+
+def _cross_checks(settings: Settings) -> list[str]:
+    batching, limits = settings.batching, settings.limits
+    problems = []
+    if batching.max_queue_size < batching.max_batch_size:
+        problems.append(
+            f"batching.max_queue_size ({batching.max_queue_size}) must be at least "
+            f"batching.max_batch_size ({batching.max_batch_size}), or no batch can fill"
+        )
+    if limits.max_files_per_request > batching.max_queue_size:
+        problems.append(
+            f"limits.max_files_per_request ({limits.max_files_per_request}) must not exceed "
+            f"batching.max_queue_size ({batching.max_queue_size}), or such a request "
+            "could never be admitted"
+        )
+    return problems
+
+
+def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
+    """Validate a nested mapping (section -> key -> value) into ``Settings``."""
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    lowered = {str(k).lower(): v for k, v in raw.items()}
+    for name in sorted(set(lowered) - set(_SECTIONS)):
+        problems.append(f"unknown section [{name}]; known: {', '.join(_SECTIONS)}")
+    for name, section_cls in _SECTIONS.items():
+        values = lowered.get(name, {})
+        if not isinstance(values, Mapping):
+            problems.append(f"[{name}] must be a table of keys, got {values!r}")
+            values = {}
+        sections[name] = _build_section(name, section_cls, values, problems)
+    if problems:
+        raise SettingsError(problems)
+    settings = Settings(**sections)
+    problems = _cross_checks(settings)
+    if problems:
+        raise SettingsError(problems)
+    return settings
+
+
+def _build_section(
+    name: str, section_cls: type[Any], values: Mapping[str, Any], problems: list[str]
+) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(section_cls)}
+    given = {str(k).lower(): v for k, v in values.items()}
+    for key in sorted(set(given) - set(fields)):
+        problems.append(f"unknown setting {name}.{key}; known: {', '.join(fields)}")
+    kwargs = {}
+    for key, value in given.items():
+        if key not in fields:
+            continue
+        try:
+            kwargs[key] = fields[key].metadata["check"](value)
+        except ValueError as exc:
+            problems.append(f"{name}.{key} must be {exc}, got {value!r}")
+    return section_cls(**kwargs)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read ``path`` (if given) and ``BATCHING_SERVER_*`` variables, then validate.
+
+    Variables use ``__`` between section and key and win over the file:
+    ``BATCHING_SERVER_BATCHING__MAX_BATCH_SIZE=16``. Values are parsed as TOML.
+    """
+    files = []
+    if path is not None:
+        settings_path = Path(path).expanduser()
+        if not settings_path.is_file():
+            raise SettingsError([f"settings file {str(settings_path)!r} does not exist"])
+        files.append(str(settings_path))
+    try:
+        conf = Dynaconf(settings_files=files, envvar_prefix=ENV_PREFIX, environments=False)
+        raw = conf.as_dict()
+    except Exception as exc:  # dynaconf raises parser-specific types for a malformed file
+        raise SettingsError([f"could not read settings: {exc}"]) from exc
+    return settings_from_mapping(raw)

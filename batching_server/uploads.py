@@ -1,0 +1,84 @@
+"""Read the ``file`` parts of a multipart/form-data body, within the upload limits."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import BodyPartReader, web
+
+from .errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+
+__all__ = ["FIELD_NAME", "Upload", "read_uploads"]
+
+FIELD_NAME = "file"
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """One uploaded file, as bytes; its type is sniffed from them, not from headers."""
+
+    index: int
+    filename: str | None
+    data: bytes
+
+
+def _too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"the request body is over the limit of {limit} bytes (limits.max_upload_bytes)"
+    )
+
+
+async def read_uploads(
+    request: web.Request, *, max_upload_bytes: int, max_files: int
+) -> AsyncIterator[Upload]:
+    """Yield each ``file`` part as soon as it is read, so decoding can start early.
+
+    The byte limit counts the whole streamed body, so a chunked upload with no
+    Content-Length is held to it too.
+    """
+    if request.content_type != "multipart/form-data":
+        raise UnsupportedMediaTypeError(
+            f"expected a multipart/form-data upload with a {FIELD_NAME!r} field, got "
+            f"{request.content_type!r}"
+        )
+    if request.content_length is not None and request.content_length > max_upload_bytes:
+        raise _too_large(max_upload_bytes)
+    try:
+        reader = await request.multipart()
+    except (ValueError, KeyError, AssertionError) as exc:
+        raise BadRequestError(f"malformed multipart body: {exc}") from None
+    received = 0
+    count = 0
+    other_fields: list[str] = []
+    while True:
+        try:
+            part = await reader.next()
+        except (ValueError, KeyError, AssertionError) as exc:
+            raise BadRequestError(f"malformed multipart body: {exc}") from None
+        if part is None:
+            break
+        if not isinstance(part, BodyPartReader):
+            raise BadRequestError("nested multipart bodies are not supported")
+        is_file = part.name == FIELD_NAME
+        if is_file:
+            count += 1
+            if count > max_files:
+                raise BadRequestError(
+                    f"more than {max_files} {FIELD_NAME!r} parts in one request "
+                    "(limits.max_files_per_request)"
+                )
+        elif part.name is not None and len(other_fields) < 8:
+            other_fields.append(part.name)
+        chunks = bytearray()
+        while chunk := await part.read_chunk():
+            received += len(chunk)
+            if received > max_upload_bytes:
+                raise _too_large(max_upload_bytes)
+            if is_file:
+                chunks += chunk
+        if is_file:
+            yield Upload(index=count - 1, filename=part.filename, data=bytes(chunks))
+    if count == 0:
+        found = f"; found {', '.join(map(repr, other_fields))}" if other_fields else ""
+        raise BadRequestError(f"no {FIELD_NAME!r} field in the multipart body{found}")
