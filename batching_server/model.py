@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -87,7 +89,9 @@ def _load_module(weights: str, seed: int) -> nn.Module:
     if weights in ResNet50_Weights.__members__:
         named = ResNet50_Weights[weights]
         try:
-            state_dict = named.get_state_dict(progress=False, check_hash=True)
+            # torch.hub prints "Downloading: ..." to stdout, which must stay JSON lines only.
+            with contextlib.redirect_stdout(sys.stderr):
+                state_dict = named.get_state_dict(progress=False, check_hash=True)
         except Exception as exc:
             raise ModelLoadError(
                 f"could not obtain the ResNet-50 weights {weights} ({named.url}): {exc}. "

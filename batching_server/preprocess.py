@@ -19,7 +19,8 @@ __all__ = ["ACCEPTED_FORMATS", "Preprocessor", "reference_transform"]
 
 # Formats a camera, phone or browser produces. Leaving out the rest (EPS, for one, shells
 # out to Ghostscript) keeps Pillow's least-audited decoders away from untrusted bytes.
-ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+# Phones' multi-picture JPEGs (MPO) come in through the JPEG plugin.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
 # We check limits.max_image_pixels ourselves from the header, before any pixel is decoded.
 # Pillow's own guard would only warn below twice its limit, and warnings are not a policy.

@@ -197,19 +197,26 @@ _SECTIONS: dict[str, type[Any]] = {
 }
 
 
-def _cross_checks(settings: Settings) -> list[str]:
+def _cross_checks(settings: Settings) -> list[tuple[set[str], str]]:
+    """Problems between keys, each with the keys it involves."""
     batching, limits = settings.batching, settings.limits
     problems = []
     if batching.max_queue_size < batching.max_batch_size:
         problems.append(
-            f"batching.max_queue_size ({batching.max_queue_size}) must be at least "
-            f"batching.max_batch_size ({batching.max_batch_size}), or no batch can fill"
+            (
+                {"batching.max_queue_size", "batching.max_batch_size"},
+                f"batching.max_queue_size ({batching.max_queue_size}) must be at least "
+                f"batching.max_batch_size ({batching.max_batch_size}), or no batch can fill",
+            )
         )
     if limits.max_files_per_request > batching.max_queue_size:
         problems.append(
-            f"limits.max_files_per_request ({limits.max_files_per_request}) must not exceed "
-            f"batching.max_queue_size ({batching.max_queue_size}), or such a request "
-            "could never be admitted"
+            (
+                {"limits.max_files_per_request", "batching.max_queue_size"},
+                f"limits.max_files_per_request ({limits.max_files_per_request}) must not "
+                f"exceed batching.max_queue_size ({batching.max_queue_size}), or such a "
+                "request could never be admitted",
+            )
         )
     return problems
 
@@ -217,6 +224,7 @@ def _cross_checks(settings: Settings) -> list[str]:
 def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
     """Validate a nested mapping (section -> key -> value) into ``Settings``."""
     problems: list[str] = []
+    bad_keys: set[str] = set()
     sections: dict[str, Any] = {}
     lowered = {str(k).lower(): v for k, v in raw.items()}
     for name in sorted(set(lowered) - set(_SECTIONS)):
@@ -226,18 +234,22 @@ def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
         if not isinstance(values, Mapping):
             problems.append(f"[{name}] must be a table of keys, got {values!r}")
             values = {}
-        sections[name] = _build_section(name, section_cls, values, problems)
-    if problems:
-        raise SettingsError(problems)
+        sections[name] = _build_section(name, section_cls, values, problems, bad_keys)
     settings = Settings(**sections)
-    problems = _cross_checks(settings)
+    # A cross-key problem is reported with the others, unless one of its keys is
+    # already reported as bad (its default stood in, so the comparison would mislead).
+    problems += [msg for keys, msg in _cross_checks(settings) if not keys & bad_keys]
     if problems:
         raise SettingsError(problems)
     return settings
 
 
 def _build_section(
-    name: str, section_cls: type[Any], values: Mapping[str, Any], problems: list[str]
+    name: str,
+    section_cls: type[Any],
+    values: Mapping[str, Any],
+    problems: list[str],
+    bad_keys: set[str],
 ) -> Any:
     fields = {f.name: f for f in dataclasses.fields(section_cls)}
     given = {str(k).lower(): v for k, v in values.items()}
@@ -251,6 +263,7 @@ def _build_section(
             kwargs[key] = fields[key].metadata["check"](value)
         except ValueError as exc:
             problems.append(f"{name}.{key} must be {exc}, got {value!r}")
+            bad_keys.add(f"{name}.{key}")
     return section_cls(**kwargs)
 
 
@@ -265,6 +278,11 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         settings_path = Path(path).expanduser()
         if not settings_path.is_file():
             raise SettingsError([f"settings file {str(settings_path)!r} does not exist"])
+        if settings_path.suffix.lower() != ".toml":
+            # dynaconf picks a parser by suffix and silently skips files it has none for.
+            raise SettingsError(
+                [f"settings file {str(settings_path)!r} must be TOML with a .toml suffix"]
+            )
         files.append(str(settings_path))
     try:
         conf = Dynaconf(settings_files=files, envvar_prefix=ENV_PREFIX, environments=False)

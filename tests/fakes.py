@@ -1,0 +1,140 @@
+"""Fake batch functions for batcher tests: recording, gated, failing, miscounting."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from batching_server.batcher import BatchInfo
+
+__all__ = [
+    "FailingModel",
+    "FakeClock",
+    "GatedModel",
+    "MiscountingModel",
+    "RecordingModel",
+    "RecordingObserver",
+    "SpyClassifier",
+]
+
+
+class RecordingModel:
+    """Answers each item with ``item * 10`` and records every batch it ran."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.infos: list[BatchInfo] = []
+
+    async def __call__(self, items: Sequence[int], info: BatchInfo) -> list[int]:
+        self.batches.append(list(items))
+        self.infos.append(info)
+        return [item * 10 for item in items]
+
+
+class GatedModel(RecordingModel):
+    """Like RecordingModel, but every batch waits until ``gate`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def __call__(self, items: Sequence[int], info: BatchInfo) -> list[int]:
+        self.batches.append(list(items))
+        self.infos.append(info)
+        self.started.set()
+        await self.gate.wait()
+        return [item * 10 for item in items]
+
+
+class FailingModel(RecordingModel):
+    """Raises for any batch that contains ``poison``; answers the others."""
+
+    def __init__(self, poison: int) -> None:
+        super().__init__()
+        self.poison = poison
+
+    async def __call__(self, items: Sequence[int], info: BatchInfo) -> list[int]:
+        result = await super().__call__(items, info)
+        if self.poison in items:
+            raise RuntimeError("simulated CUDA error: device-side assert at /secret/path.cu")
+        return result
+
+
+class MiscountingModel(RecordingModel):
+    """Returns one result too few."""
+
+    async def __call__(self, items: Sequence[int], info: BatchInfo) -> list[int]:
+        result = await super().__call__(items, info)
+        return result[:-1]
+
+
+class RecordingObserver:
+    """Collects the batcher's events for assertions."""
+
+    def __init__(self) -> None:
+        self.queue_sizes: list[int] = []
+        self.dispatched: list[BatchInfo] = []
+        self.done: list[tuple[BatchInfo, BaseException | None]] = []
+        self.drops: dict[str, int] = {}
+
+    def on_queue_size(self, size: int) -> None:
+        self.queue_sizes.append(size)
+
+    def on_dispatch(self, info: BatchInfo) -> None:
+        self.dispatched.append(info)
+
+    def on_batch_done(
+        self, info: BatchInfo, duration_s: float, error: BaseException | None
+    ) -> None:
+        self.done.append((info, error))
+
+    def on_drop(self, reason: str, count: int) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + count
+
+
+class FakeClock:
+    """A clock that moves only when the test says so."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SpyClassifier:
+    """Wraps the real classifier: records batch sizes, can hold or fail forward passes."""
+
+    def __init__(self, real: Any, *, fail_first: int = 0) -> None:
+        self.real = real
+        self.labels = real.labels
+        self.device = real.device
+        self.batch_sizes: list[int] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.started = asyncio.Event()
+        self.fail_first = fail_first
+        self.warmup_gate = asyncio.Event()
+        self.warmup_gate.set()
+        self.warmup_started = asyncio.Event()
+        self.warmed_sizes: list[int] = []
+
+    def top_k(self, probabilities: Any, k: int) -> list[tuple[str, float]]:
+        return self.real.top_k(probabilities, k)  # type: ignore[no-any-return]
+
+    async def predict_batch(self, items: Sequence[Any], info: BatchInfo) -> list[Any]:
+        self.batch_sizes.append(len(items))
+        self.started.set()
+        await self.gate.wait()
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            raise RuntimeError("simulated failure in /opt/secret/model.py line 42")
+        return await self.real.predict_batch(items, info)  # type: ignore[no-any-return]
+
+    async def warmup(self, batch_sizes: Any) -> float:
+        self.warmed_sizes.extend(batch_sizes)
+        self.warmup_started.set()
+        await self.warmup_gate.wait()
+        return await self.real.warmup(batch_sizes)  # type: ignore[no-any-return]

@@ -1,0 +1,291 @@
+"""``python -m batching_server`` as a real process: exit codes, logs, and one real serve."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batching_server import __version__
+
+from .images import photo_bytes
+
+TIMEOUT_S = 60
+
+
+def cli_env(tmp_path: Path, **variables: str) -> dict[str, str]:
+    """The test's environment without stray BATCHING_SERVER_* variables, plus ``variables``.
+
+    TORCH_HOME is empty and every download goes to a closed port, so no run can fetch weights.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHING_SERVER")}
+    torch_home = tmp_path / "torch-home"
+    torch_home.mkdir(exist_ok=True)
+    env |= {
+        "TORCH_HOME": str(torch_home),
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "https_proxy": "http://127.0.0.1:9",
+        "NO_PROXY": "",
+        "no_proxy": "",
+        "PYTHONUNBUFFERED": "1",
+    }
+    return env | {f"BATCHING_SERVER_{k}": v for k, v in variables.items()}
+
+
+def run_cli(tmp_path: Path, *args: str, **variables: str) -> subprocess.CompletedProcess[str]:
+    """Run the CLI to completion in ``tmp_path`` (so the repo's settings.toml is not read)."""
+    return subprocess.run(
+        [sys.executable, "-m", "batching_server", *args],
+        cwd=tmp_path,
+        env=cli_env(tmp_path, **variables),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+
+
+def json_lines(stdout: str) -> list[dict[str, Any]]:
+    """Every stdout line, each of which must be one JSON object."""
+    lines = stdout.splitlines()
+    assert [line for line in lines if not (line.startswith("{") and line.endswith("}"))] == []
+    return [json.loads(line) for line in lines]
+
+
+def multipart(data: bytes, filename: str = "photo.jpg") -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    head = (
+        f"--{boundary}\r\n"
+        f'Content-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), (
+        f"multipart/form-data; boundary={boundary}"
+    )
+
+
+def test_version(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"batching-server {__version__}"
+
+
+def test_bad_settings_exit_2_listing_every_problem(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, SERVER__PORT="abc", LOGGING__FORMAT="yaml")
+    assert result.returncode == 2
+    assert "invalid settings (2 problems)" in result.stderr
+    assert "server.port must be an integer from 0 to 65535, got 'abc'" in result.stderr
+    assert "logging.format must be one of 'json', 'text', got 'yaml'" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "files", "message"),
+    [
+        pytest.param(
+            ["--settings", "missing.toml"], {}, "'missing.toml' does not exist", id="missing"
+        ),
+        pytest.param(
+            [],
+            {"settings.toml": "[batching]\nmax_wait_ms = -1\n"},
+            "batching.max_wait_ms must be a number from 0 to 10000, got -1",
+            id="cwd-settings-toml",
+        ),
+        pytest.param(
+            ["--settings", "other.toml"],
+            {
+                "settings.toml": "[logging]\nformat = 'yaml'\n",
+                "other.toml": "[server]\nport = 'x'\n",
+            },
+            "server.port must be an integer from 0 to 65535, got 'x'",
+            id="explicit-file-replaces-cwd",
+        ),
+        pytest.param(
+            ["--port", "70000"],
+            {},
+            "server.port must be an integer from 0 to 65535, got 70000",
+            id="port-flag",
+        ),
+        pytest.param(["--host", "my host"], {}, "server.host must be a host name", id="host-flag"),
+    ],
+)
+def test_settings_problems_exit_2(
+    tmp_path: Path, args: list[str], files: dict[str, str], message: str
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    result = run_cli(tmp_path, *args)
+    assert result.returncode == 2
+    assert "invalid settings (1 problem):" in result.stderr
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def offline_named_weights(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """One run with IMAGENET1K_V2, no cached weights and no network."""
+    tmp_path = tmp_path_factory.mktemp("offline")
+    return tmp_path, run_cli(tmp_path, "--port", "0", MODEL__WEIGHTS="IMAGENET1K_V2")
+
+
+def test_named_weights_offline_exit_3_naming_the_fix(
+    offline_named_weights: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    tmp_path, result = offline_named_weights
+    assert result.returncode == 3
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events] == ["starting", "model_load_failed"]
+    assert events[0]["weights"] == "IMAGENET1K_V2"
+    failed = events[1]
+    assert failed["level"] == "error"
+    assert "IMAGENET1K_V2" in failed["error"]
+    assert "'random'" in failed["error"]
+    assert "state_dict" in failed["error"]
+    assert str(tmp_path / "torch-home") in failed["error"]
+
+
+def test_failed_download_keeps_stdout_json_only(
+    offline_named_weights: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    """torch.hub prints 'Downloading: ...' to stdout; a JSON log stream must not carry it."""
+    _, result = offline_named_weights
+    assert [e["event"] for e in json_lines(result.stdout)] == ["starting", "model_load_failed"]
+
+
+class ServerProcess:
+    """A real server whose stdout lines are read by a thread, so every wait is bounded."""
+
+    def __init__(self, tmp_path: Path, *args: str, **variables: str) -> None:
+        self.stderr = (tmp_path / "stderr.txt").open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "batching_server", *args],
+            cwd=tmp_path,
+            env=cli_env(tmp_path, **variables),
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, event: str) -> tuple[dict[str, Any], list[str]]:
+        """The first log line with ``event``, and every line read up to it."""
+        seen: list[str] = []
+        while True:
+            line = self.lines.get(timeout=TIMEOUT_S)
+            assert line is not None, f"the server exited before {event!r}: {seen}"
+            seen.append(line)
+            if json.loads(line)["event"] == event:
+                return json.loads(line), seen
+
+    def rest(self) -> list[str]:
+        """Lines after the process has exited and its stdout is closed."""
+        self.reader.join(TIMEOUT_S)
+        lines = []
+        while (line := self.lines.get_nowait()) is not None:
+            lines.append(line)
+        return lines
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(TIMEOUT_S)
+        self.reader.join(TIMEOUT_S)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+        self.stderr.close()
+
+
+def get(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.load(error)
+
+
+def wait_until_ready(base: str) -> dict[str, Any]:
+    deadline = time.monotonic() + TIMEOUT_S
+    status, body = get(f"{base}/ready")
+    while status != 200 and time.monotonic() < deadline:
+        assert status == 503
+        time.sleep(0.1)
+        status, body = get(f"{base}/ready")
+    assert status == 200, body
+    return body
+
+
+@pytest.mark.slow
+def test_serve_predict_and_stop_on_sigterm(tmp_path: Path) -> None:
+    server = ServerProcess(
+        tmp_path,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        MODEL__WEIGHTS="random",
+        MODEL__WARMUP="true",
+        BATCHING__MAX_BATCH_SIZE="2",
+    )
+    try:
+        listening, lines = server.wait_for("listening")
+        assert listening["host"] == "127.0.0.1"
+        assert listening["port"] > 0
+        base = f"http://127.0.0.1:{listening['port']}"
+        assert wait_until_ready(base)["model_loaded"] is True
+
+        body, content_type = multipart(photo_bytes("chelsea.png"))
+        request = urllib.request.Request(
+            f"{base}/predict",
+            data=body,
+            headers={"Content-Type": content_type, "X-Request-ID": "cli-test-1"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            assert response.status == 200
+            assert response.headers["X-Request-ID"] == "cli-test-1"
+            result = json.load(response)
+        assert isinstance(result["prediction"], str)
+        assert result["prediction"]
+        assert isinstance(result["confidence"], float)
+        assert 0.0 <= result["confidence"] <= 1.0
+        assert result["request_id"] == "cli-test-1"
+
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+        lines += server.rest()
+    finally:
+        server.close()
+
+    events = json_lines("".join(lines))
+    names = [event["event"] for event in events]
+    assert names[0] == "starting"
+    assert names[-2:] == ["shutting_down", "stopped"]
+    assert {"warmup_done", "ready", "request_completed"} <= set(names)
+    assert next(e for e in events if e["event"] == "warmup_done")["batch_sizes"] == 2
+    completed = next(e for e in events if e.get("route") == "/predict")
+    assert completed["event"] == "request_completed"
+    assert completed["request_id"] == "cli-test-1"
+    assert completed["status"] == 200

@@ -1,0 +1,360 @@
+"""The HTTP API through the real app and aiohttp's test client, with a random ResNet-50."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import struct
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import FormData
+
+from batching_server.app import create_app
+from batching_server.appkeys import BATCHER, READINESS
+from batching_server.model import Classifier
+from batching_server.preprocess import Preprocessor
+from tests.conftest import AppClient, make_settings
+from tests.fakes import SpyClassifier
+from tests.images import PHOTOS, photo, photo_bytes
+
+JPEG = photo_bytes("chelsea.png")
+
+
+def form(*files: bytes, field: str = "file", filename: str | None = "image.jpg") -> FormData:
+    data = FormData()
+    for content in files:
+        data.add_field(field, content, filename=filename, content_type="image/jpeg")
+    return data
+
+
+def expected(classifier: Classifier, image: bytes) -> tuple[str, float]:
+    """The per-image answer, computed without the server."""
+    tensor = Preprocessor(weights="random", max_image_pixels=10**8)(image)
+    (label, confidence), *_ = classifier.top_k(classifier.forward(tensor[None])[0], 1)
+    return label, confidence
+
+
+async def assert_error(response: Any, status: int, error_type: str) -> dict[str, Any]:
+    assert response.status == status, await response.text()
+    assert response.content_type == "application/json"
+    body = await response.json()
+    assert body["error"]["type"] == error_type
+    assert body["request_id"] == response.headers["X-Request-ID"]
+    return body  # type: ignore[no-any-return]
+
+
+async def assert_still_serves(client: Any) -> None:
+    response = await client.post("/predict", data=form(JPEG))
+    assert response.status == 200, await response.text()
+
+
+# --- /predict ------------------------------------------------------------------------------
+
+
+async def test_predict_classifies_a_photo(app_client: AppClient, classifier: Classifier) -> None:
+    client = await app_client()
+    response = await client.post("/predict", data=form(JPEG))
+    assert response.status == 200
+    body = await response.json()
+    label, confidence = expected(classifier, JPEG)
+    assert body["prediction"] == label
+    assert body["confidence"] == pytest.approx(confidence, abs=1e-5)
+    assert body["request_id"] == response.headers["X-Request-ID"]
+    assert set(body) == {"prediction", "confidence", "request_id"}
+
+
+async def test_top_k(app_client: AppClient) -> None:
+    client = await app_client()
+    body = await (await client.post("/predict?top_k=3", data=form(JPEG))).json()
+    assert len(body["top_k"]) == 3
+    assert body["top_k"][0] == {"label": body["prediction"], "confidence": body["confidence"]}
+    scores = [entry["confidence"] for entry in body["top_k"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("top_k", ["0", "1001", "abc", "-1", "2.5"])
+async def test_bad_top_k_is_400(app_client: AppClient, top_k: str) -> None:
+    client = await app_client()
+    response = await client.post(f"/predict?top_k={top_k}", data=form(JPEG))
+    body = await assert_error(response, 400, "bad_request")
+    assert "top_k" in body["error"]["message"]
+
+
+async def test_several_files_are_classified_in_order(
+    app_client: AppClient, classifier: Classifier
+) -> None:
+    spy = SpyClassifier(classifier)
+    client = await app_client(model=spy, batching={"max_wait_ms": 1000.0, "max_batch_size": 3})
+    images = [photo_bytes(name) for name in PHOTOS[:3]]
+    response = await client.post("/predict?top_k=2", data=form(*images))
+    assert response.status == 200
+    body = await response.json()
+    assert [(p["prediction"], len(p["top_k"])) for p in body["predictions"]] == [
+        (expected(classifier, image)[0], 2) for image in images
+    ]
+    assert spy.batch_sizes == [3]  # one request's parts share one forward pass
+    assert set(body) == {"predictions", "request_id"}
+
+
+async def test_request_id_is_echoed_when_sane(app_client: AppClient) -> None:
+    client = await app_client()
+    response = await client.get("/health", headers={"X-Request-ID": "abc-123.x:y"})
+    assert response.headers["X-Request-ID"] == "abc-123.x:y"
+    for insane in ("has space", "x" * 200, "<script>", ""):
+        response = await client.get("/health", headers={"X-Request-ID": insane})
+        assert response.headers["X-Request-ID"] != insane
+        assert len(response.headers["X-Request-ID"]) == 32
+
+
+# --- bad input: each with its status, and the server keeps serving -------------------------
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels: a decompression bomb."""
+    buffer = io.BytesIO()
+    photo().resize((1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13]))
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("content", "error_type"),
+    [
+        pytest.param(b"", "invalid_image", id="empty"),
+        pytest.param(b"just some text\n" * 10, "invalid_image", id="text"),
+        pytest.param(b"<!doctype html><html><body>hi</body></html>", "invalid_image", id="html"),
+        pytest.param(JPEG[: len(JPEG) // 2], "invalid_image", id="truncated-jpeg"),
+        pytest.param(photo_bytes(fmt="PNG")[:5000], "invalid_image", id="truncated-png"),
+        pytest.param(png_declaring(100_000, 100_000), "image_too_large", id="bomb-png"),
+    ],
+)
+async def test_bad_images(app_client: AppClient, content: bytes, error_type: str) -> None:
+    client = await app_client()
+    response = await client.post("/predict", data=form(content))
+    await assert_error(response, 413 if error_type == "image_too_large" else 400, error_type)
+    await assert_still_serves(client)
+
+
+async def test_image_over_the_pixel_limit_is_413(app_client: AppClient) -> None:
+    client = await app_client(limits={"max_image_pixels": 300 * 300})
+    body = await assert_error(
+        await client.post("/predict", data=form(JPEG)), 413, "image_too_large"
+    )
+    assert "max_image_pixels" in body["error"]["message"]
+
+
+async def test_a_bad_part_among_several_is_named(app_client: AppClient) -> None:
+    client = await app_client()
+    response = await client.post("/predict", data=form(JPEG, b"nope", JPEG))
+    body = await assert_error(response, 400, "invalid_image")
+    assert body["error"]["message"].startswith("file 2 (image.jpg):")
+    await assert_still_serves(client)
+
+
+async def test_wrongly_named_field_is_400(app_client: AppClient) -> None:
+    client = await app_client()
+    body = await assert_error(
+        await client.post("/predict", data=form(JPEG, field="image")), 400, "bad_request"
+    )
+    assert "'image'" in body["error"]["message"]
+
+
+async def test_part_without_filename_is_accepted(app_client: AppClient) -> None:
+    client = await app_client()
+    boundary = "b0undary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"\r\n\r\n'
+        ).encode()
+        + JPEG
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    response = await client.post("/predict", data=body, headers=headers)
+    assert response.status == 200, await response.text()
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        pytest.param(JPEG, "image/jpeg", id="raw-jpeg"),
+        pytest.param(b'{"file": 1}', "application/json", id="json"),
+        pytest.param(b"file=x", "application/x-www-form-urlencoded", id="urlencoded"),
+    ],
+)
+async def test_non_multipart_is_415(app_client: AppClient, body: bytes, content_type: str) -> None:
+    client = await app_client()
+    response = await client.post("/predict", data=body, headers={"Content-Type": content_type})
+    await assert_error(response, 415, "unsupported_media_type")
+    await assert_still_serves(client)
+
+
+async def test_too_many_files_is_400(app_client: AppClient) -> None:
+    client = await app_client(limits={"max_files_per_request": 2})
+    body = await assert_error(
+        await client.post("/predict", data=form(JPEG, JPEG, JPEG)), 400, "bad_request"
+    )
+    assert "max_files_per_request" in body["error"]["message"]
+
+
+async def test_body_over_the_limit_is_413(app_client: AppClient) -> None:
+    client = await app_client(limits={"max_upload_bytes": 10_000})
+    response = await client.post("/predict", data=form(JPEG))
+    body = await assert_error(response, 413, "payload_too_large")
+    assert "max_upload_bytes" in body["error"]["message"]
+
+
+async def test_chunked_body_over_the_limit_is_413(app_client: AppClient) -> None:
+    client = await app_client(limits={"max_upload_bytes": 10_000})
+    payload = form(JPEG)()  # the multipart writer, so the body can be streamed
+    boundary_header = payload.headers["Content-Type"]
+    body = io.BytesIO()
+
+    class Sink:
+        async def write(self, chunk: bytes) -> None:
+            body.write(chunk)
+
+    await payload.write(Sink())
+
+    async def chunks() -> AsyncIterator[bytes]:
+        raw = body.getvalue()
+        for start in range(0, len(raw), 4096):
+            yield raw[start : start + 4096]
+
+    response = await client.post(
+        "/predict", data=chunks(), headers={"Content-Type": boundary_header}
+    )
+    assert response.request_info.headers.get("Transfer-Encoding") == "chunked"
+    await assert_error(response, 413, "payload_too_large")
+
+
+# --- overload, deadlines, failures -----------------------------------------------------------
+
+
+async def test_queue_full_is_503(app_client: AppClient, classifier: Classifier) -> None:
+    spy = SpyClassifier(classifier)
+    spy.gate.clear()
+    client = await app_client(
+        model=spy,
+        batching={"max_batch_size": 1, "max_queue_size": 1, "max_wait_ms": 0.0},
+        limits={"max_files_per_request": 1},
+    )
+    running = asyncio.create_task(client.post("/predict", data=form(JPEG)))
+    await spy.started.wait()  # the first request holds the model
+    queued = asyncio.create_task(client.post("/predict", data=form(JPEG)))
+    batcher = client.app[BATCHER]
+    for _ in range(500):  # wait (bounded) until the second request fills the one queue slot
+        if batcher.queue_size:
+            break
+        await asyncio.sleep(0.01)
+    assert batcher.queue_size == 1
+    await assert_error(await client.post("/predict", data=form(JPEG)), 503, "queue_full")
+    spy.gate.set()
+    assert [(await r).status for r in (running, queued)] == [200, 200]
+
+
+async def test_deadline_is_504(app_client: AppClient, classifier: Classifier) -> None:
+    spy = SpyClassifier(classifier)
+    spy.gate.clear()
+    client = await app_client(model=spy, batching={"request_timeout_s": 0.2})
+    response = await client.post("/predict", data=form(JPEG))
+    await assert_error(response, 504, "deadline_exceeded")
+    spy.gate.set()
+    await assert_still_serves(client)
+
+
+async def test_forward_failure_is_500_without_details(
+    app_client: AppClient, classifier: Classifier
+) -> None:
+    client = await app_client(model=SpyClassifier(classifier, fail_first=1))
+    response = await client.post("/predict", data=form(JPEG))
+    body = await assert_error(response, 500, "inference_failed")
+    assert "secret" not in await response.text()
+    assert "Traceback" not in body["error"]["message"]
+    await assert_still_serves(client)
+
+
+# --- probes and index -------------------------------------------------------------------------
+
+
+async def test_health_ready_and_index(app_client: AppClient) -> None:
+    client = await app_client()
+    health = await (await client.get("/health")).json()
+    assert health["status"] == "healthy"
+    assert isinstance(health["timestamp"], float)
+    ready = await client.get("/ready")
+    assert ready.status == 200
+    assert (await ready.json())["model_loaded"] is True
+    index = await (await client.get("/")).json()
+    assert index["service"] == "batching_server"
+    assert index["batching"]["max_batch_size"] == 8
+    assert "POST /predict" in index["endpoints"]
+
+
+async def test_not_ready_is_503_on_ready_and_predict(app_client: AppClient) -> None:
+    client = await app_client()
+    client.app[READINESS].mark_not_ready("warming up the model")
+    response = await client.get("/ready")
+    assert response.status == 503
+    body = await response.json()
+    assert (body["status"], body["reason"]) == ("not_ready", "warming up the model")
+    await assert_error(await client.post("/predict", data=form(JPEG)), 503, "not_ready")
+
+
+async def test_warmup_gates_readiness(aiohttp_client: Any, classifier: Classifier) -> None:
+    spy = SpyClassifier(classifier)
+    spy.warmup_gate.clear()
+    settings = make_settings(model={"warmup": True}, batching={"max_batch_size": 3})
+    app = create_app(settings, classifier=spy)
+    client = await aiohttp_client(app)
+    await spy.warmup_started.wait()
+    response = await client.get("/ready")
+    assert response.status == 503
+    assert (await response.json())["reason"] == "warming up the model"
+    await assert_error(await client.post("/predict", data=form(JPEG)), 503, "not_ready")
+    spy.warmup_gate.set()
+    await app[READINESS].wait_ready()
+    assert (await client.get("/ready")).status == 200
+    assert spy.warmed_sizes == [1, 2, 3]
+
+
+async def test_unknown_route_and_method_are_json(app_client: AppClient) -> None:
+    client = await app_client()
+    await assert_error(await client.get("/nope"), 404, "not_found")
+    response = await client.get("/predict")
+    await assert_error(response, 405, "method_not_allowed")
+    assert response.headers["Allow"] == "POST"
+
+
+# --- the point of it all: concurrent uploads form batches -----------------------------------
+
+
+@pytest.mark.slow
+async def test_concurrent_uploads_form_batches_and_get_their_own_answers(
+    app_client: AppClient, classifier: Classifier
+) -> None:
+    spy = SpyClassifier(classifier)
+    client = await app_client(model=spy, batching={"max_batch_size": 8, "max_wait_ms": 50.0})
+    images = [photo_bytes(name) for name in PHOTOS]
+    answers = {i: expected(classifier, image) for i, image in enumerate(images)}
+    uploads = [i % len(images) for i in range(24)]
+    responses = await asyncio.gather(
+        *(client.post("/predict", data=form(images[i])) for i in uploads)
+    )
+    bodies = [await r.json() for r in responses]
+    assert [r.status for r in responses] == [200] * 24
+    for i, body in zip(uploads, bodies, strict=True):
+        assert body["prediction"] == answers[i][0]
+        assert body["confidence"] == pytest.approx(answers[i][1], abs=1e-4)
+    assert len({body["request_id"] for body in bodies}) == 24
+    assert sum(spy.batch_sizes) == 24
+    assert max(spy.batch_sizes) > 1
+    assert len(spy.batch_sizes) < 24

@@ -1,0 +1,164 @@
+"""ResNet-50 loading, batched-versus-single equality, top-k and warm-up."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torchvision.models import _api as torchvision_api
+from torchvision.models import resnet50
+
+from batching_server.errors import ModelLoadError
+from batching_server.model import LABELS, Classifier, load_classifier, resolve_device
+from batching_server.preprocess import Preprocessor
+from tests.conftest import make_settings
+from tests.images import PHOTOS, photo_bytes
+
+
+@pytest.fixture(scope="module")
+def photo_batch() -> torch.Tensor:
+    preprocessor = Preprocessor(weights="random", max_image_pixels=10**8)
+    return torch.stack([preprocessor(photo_bytes(name)) for name in PHOTOS])
+
+
+def test_labels_are_the_imagenet_categories() -> None:
+    assert len(LABELS) == 1000
+    assert LABELS[0] == "tench"
+    assert LABELS[207] == "golden retriever"
+
+
+@pytest.mark.slow
+def test_batched_results_equal_single_image_results(
+    classifier: Classifier, photo_batch: torch.Tensor
+) -> None:
+    batched = classifier.forward(photo_batch)
+    singles = torch.cat([classifier.forward(image[None]) for image in photo_batch])
+    assert batched.shape == (len(PHOTOS), 1000)
+    torch.testing.assert_close(batched, singles, atol=1e-5, rtol=1e-4)
+    with torch.inference_mode():
+        logits_batched = classifier.module(photo_batch)
+        logits_single = torch.cat([classifier.module(image[None]) for image in photo_batch])
+    torch.testing.assert_close(logits_batched, logits_single, atol=1e-3, rtol=1e-4)
+    # The photos differ, so a model that ignored its input would fail the line above only
+    # by luck; make sure it did not.
+    assert not torch.allclose(batched[0], batched[1])
+
+
+def test_probabilities_are_a_distribution(
+    classifier: Classifier, photo_batch: torch.Tensor
+) -> None:
+    probabilities = classifier.forward(photo_batch[:2])
+    torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(2))
+    assert probabilities.min() >= 0
+
+
+def test_top_k_is_sorted_and_labelled(classifier: Classifier) -> None:
+    probabilities = torch.softmax(torch.arange(1000, dtype=torch.float32) / 100, dim=0)
+    top = classifier.top_k(probabilities, 3)
+    assert [label for label, _ in top] == [LABELS[999], LABELS[998], LABELS[997]]
+    scores = [score for _, score in top]
+    assert scores == sorted(scores, reverse=True)
+    assert scores[0] == pytest.approx(float(probabilities[999]))
+
+
+def test_random_weights_are_seeded() -> None:
+    def first_weight(seed: int) -> torch.Tensor:
+        loaded = load_classifier(make_settings(model={"seed": seed}).model)
+        loaded.close()
+        return loaded.module.conv1.weight.detach().clone()
+
+    torch.testing.assert_close(first_weight(7), first_weight(7))
+    assert not torch.equal(first_weight(7), first_weight(8))
+
+
+async def test_warmup_runs_every_batch_size(
+    classifier: Classifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int] = []
+    real_forward = classifier.forward
+
+    def spy(pixels: torch.Tensor) -> torch.Tensor:
+        seen.append(pixels.shape[0])
+        return real_forward(pixels)
+
+    monkeypatch.setattr(classifier, "forward", spy)
+    await classifier.warmup(range(1, 4))
+    assert seen == [1, 2, 3]
+
+
+# --- loading from a checkpoint file ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference_state_dict() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1234)
+    return resnet50(weights=None).state_dict()
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        pytest.param(lambda sd: sd, id="plain"),
+        pytest.param(lambda sd: {"state_dict": sd, "epoch": 90}, id="training-checkpoint"),
+        pytest.param(lambda sd: {f"module.{k}": v for k, v in sd.items()}, id="dataparallel"),
+    ],
+)
+def test_loads_a_state_dict_file(
+    tmp_path: Path, reference_state_dict: dict[str, torch.Tensor], wrap: Any
+) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save(wrap(reference_state_dict), path)
+    loaded = load_classifier(make_settings(model={"weights": str(path)}).model)
+    loaded.close()
+    torch.testing.assert_close(loaded.module.fc.weight, reference_state_dict["fc.weight"])
+    assert loaded.weights == str(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param({"fc.weight": torch.zeros(3, 3)}, "do not fit", id="wrong-keys"),
+        pytest.param([1, 2, 3], "not a state_dict", id="not-a-mapping"),
+        pytest.param(b"garbage", "could not read", id="not-a-torch-file"),
+    ],
+)
+def test_a_bad_state_dict_file_names_the_fix(tmp_path: Path, content: Any, message: str) -> None:
+    path = tmp_path / "bad.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    settings = make_settings(model={"weights": str(path)})
+    with pytest.raises(ModelLoadError, match=message) as caught:
+        load_classifier(settings.model)
+    assert "Fix:" in str(caught.value)
+
+
+def test_named_weights_that_cannot_be_fetched_fail_loudly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No cached copy, and the download fails as it does offline: never fall back to random.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args: Any, **kwargs: Any) -> None:
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision_api, "load_state_dict_from_url", offline)
+    settings = make_settings(model={"weights": "IMAGENET1K_V2"})
+    with pytest.raises(ModelLoadError) as caught:
+        load_classifier(settings.model)
+    message = str(caught.value)
+    assert "IMAGENET1K_V2" in message
+    assert str(tmp_path) in message  # where the cache is looked for
+    assert "'random'" in message
+    assert "state_dict" in message
+
+
+def test_cuda_without_a_gpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelLoadError, match="no CUDA device"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
