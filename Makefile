@@ -1,0 +1,34 @@
+# One entry point for setup, serving, tests and lint. Every target creates or reuses .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+
+.PHONY: install serve test lint format bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the package with its test tools
+
+serve: $(STAMP)  ## run the server (ARGS="--port 9000" to pass options)
+	$(BIN)/batching-server $(ARGS)
+
+test: $(STAMP)  ## run the whole test suite, slow tests included
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)  ## ruff, ruff format and mypy, as CI runs them
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
