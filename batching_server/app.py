@@ -1,7 +1,8 @@
 """``create_app()``: routes, middlewares, and the lifecycles of pools, model and batcher.
 
-Start-up order (``cleanup_ctx`` unwinds it in reverse on shutdown): preprocessing pool,
-model (loaded, then warmed up in the background), batcher.
+Start-up order (``cleanup_ctx`` unwinds it in reverse on shutdown): tracing, preprocessing
+pool, model (loaded, then warmed up in the background), batcher. So on shutdown the batcher
+drains first, and the spans of its last batches are flushed last.
 """
 
 from __future__ import annotations
@@ -13,40 +14,87 @@ from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 
-from .appkeys import BATCHER, CLASSIFIER, PREPROCESS_POOL, PREPROCESSOR, READINESS, SETTINGS
+from . import __version__
+from .appkeys import (
+    BATCHER,
+    CLASSIFIER,
+    METRICS,
+    PREPROCESS_POOL,
+    PREPROCESSOR,
+    READINESS,
+    SETTINGS,
+    TRACER,
+)
 from .batcher import Batcher
 from .handlers import ROUTES
+from .metrics import ServiceMetrics
 from .middlewares import request_context_middleware
-from .model import Classifier, default_thread_count, load_classifier
+from .model import MODEL_NAME, Classifier, default_thread_count, load_classifier
 from .preprocess import Preprocessor
 from .readiness import Readiness
 from .settings import Settings
+from .tracing import create_tracer_provider, server_span_middleware, traced_batch_function
 
 __all__ = ["create_app"]
 
 log = structlog.get_logger(__name__)
 
 
-def create_app(settings: Settings, *, classifier: Classifier | None = None) -> web.Application:
-    """Build the application; pass ``classifier`` to share one loaded model (tests do)."""
+def create_app(
+    settings: Settings,
+    *,
+    classifier: Classifier | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> web.Application:
+    """Build the application.
+
+    Pass ``classifier`` to share one loaded model, or ``tracer_provider`` to collect spans
+    elsewhere (tests do both); the app then leaves their shutdown to the caller.
+    """
+    provider = tracer_provider or create_tracer_provider(settings.tracing)
+    middlewares: list[Middleware] = []
+    if provider is not None:
+        # Outermost, so the request log line and error handling run inside the server span.
+        middlewares.append(server_span_middleware(provider, settings.tracing.excluded_paths))
+    middlewares.append(request_context_middleware)
     app = web.Application(
-        middlewares=[request_context_middleware],
+        middlewares=middlewares,
         # uploads.py streams and counts multipart bodies itself; this cap guards only
         # request.read()/post(), which no route uses, so it simply follows the same limit.
         client_max_size=settings.limits.max_upload_bytes,
     )
     app[SETTINGS] = settings
     app[READINESS] = Readiness()
+    app[METRICS] = ServiceMetrics(
+        model_name=MODEL_NAME, max_batch_size=settings.batching.max_batch_size
+    )
+    app[TRACER] = (
+        provider.get_tracer("batching_server", __version__) if provider else trace.NoOpTracer()
+    )
     app[PREPROCESSOR] = Preprocessor(
         weights=settings.model.weights, max_image_pixels=settings.limits.max_image_pixels
     )
     app.add_routes(ROUTES)
+    if provider is not None and tracer_provider is None:
+        app.cleanup_ctx.append(_tracing_ctx(provider))
     app.cleanup_ctx.append(_preprocess_pool_ctx)
     app.cleanup_ctx.append(_model_ctx(classifier))
     app.cleanup_ctx.append(_batcher_ctx)
     app.on_shutdown.append(_mark_shutting_down)
     return app
+
+
+def _tracing_ctx(provider: TracerProvider) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def tracing_ctx(app: web.Application) -> AsyncIterator[None]:
+        yield
+        # Flushes buffered spans; bounded by the exporter's own timeout.
+        await asyncio.to_thread(provider.shutdown)
+
+    return tracing_ctx
 
 
 async def _preprocess_pool_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -73,6 +121,12 @@ def _model_ctx(
                 max_concurrent_batches=settings.batching.max_concurrent_batches,
             )
         app[CLASSIFIER] = classifier
+        app[METRICS].describe_model(
+            weights=settings.model.weights,
+            device=str(classifier.device),
+            precision=classifier.precision,
+            module=classifier.module,
+        )
         warmup = asyncio.create_task(_warm_up(app, classifier), name="model-warmup")
         try:
             yield
@@ -105,12 +159,20 @@ async def _warm_up(app: web.Application, classifier: Classifier) -> None:
 
 async def _batcher_ctx(app: web.Application) -> AsyncIterator[None]:
     batching = app[SETTINGS].batching
+    classifier = app[CLASSIFIER]
+    batch_fn = traced_batch_function(
+        classifier.predict_batch,
+        tracer=app[TRACER],
+        model_name=classifier.name,
+        device=str(classifier.device),
+    )
     batcher = Batcher(
-        app[CLASSIFIER].predict_batch,
+        batch_fn,
         max_batch_size=batching.max_batch_size,
         max_wait_s=batching.max_wait_ms / 1000,
         max_queue_size=batching.max_queue_size,
         max_concurrent_batches=batching.max_concurrent_batches,
+        observer=app[METRICS],
     )
     batcher.start()
     app[BATCHER] = batcher

@@ -6,8 +6,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from aiohttp import web
+from opentelemetry import trace
 
 from .batcher import Batcher
+from .metrics import ServiceMetrics
 from .model import Classifier, ImageInput
 from .preprocess import Preprocessor
 from .readiness import Readiness
@@ -16,11 +18,14 @@ from .settings import Settings
 __all__ = [
     "BATCHER",
     "CLASSIFIER",
+    "IMAGE_COUNT",
+    "METRICS",
     "PREPROCESSOR",
     "PREPROCESS_POOL",
     "READINESS",
     "REQUEST_ID",
     "SETTINGS",
+    "TRACER",
 ]
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -30,4 +35,8 @@ PREPROCESSOR = web.AppKey("preprocessor", Preprocessor)
 PREPROCESS_POOL = web.AppKey("preprocess_pool", ThreadPoolExecutor)
 BATCHER = web.AppKey("batcher", Batcher[ImageInput, torch.Tensor])
 
+METRICS = web.AppKey("metrics", ServiceMetrics)
+TRACER = web.AppKey("tracer", trace.Tracer)
+
 REQUEST_ID = web.RequestKey("request_id", str)
+IMAGE_COUNT = web.RequestKey("image_count", int)

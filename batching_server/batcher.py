@@ -17,6 +17,7 @@ import structlog
 from .errors import BatcherClosedError, DeadlineExceededError, InferenceError, QueueFullError
 
 __all__ = [
+    "BatchFunction",
     "BatchInfo",
     "BatchPlan",
     "Batcher",

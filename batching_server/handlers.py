@@ -8,23 +8,28 @@ from typing import Any
 
 import torch
 from aiohttp import web
+from opentelemetry import trace
 
 from . import __version__
 from .appkeys import (
     BATCHER,
     CLASSIFIER,
+    IMAGE_COUNT,
+    METRICS,
     PREPROCESS_POOL,
     PREPROCESSOR,
     READINESS,
     REQUEST_ID,
     SETTINGS,
+    TRACER,
 )
 from .errors import BadRequestError, DeadlineExceededError, NotReadyError, ServiceError
 from .model import ImageInput
+from .preprocess import Preprocessor
 from .responses import json_response
 from .uploads import Upload, read_uploads
 
-__all__ = ["ROUTES", "health", "index", "predict", "ready"]
+__all__ = ["ROUTES", "health", "index", "metrics", "predict", "ready"]
 
 
 def _top_k(request: web.Request, num_classes: int) -> int | None:
@@ -37,13 +42,31 @@ def _top_k(request: web.Request, num_classes: int) -> int | None:
     return k
 
 
+def _timed_preprocess(preprocessor: Preprocessor, data: bytes) -> tuple[torch.Tensor, float]:
+    started = time.perf_counter()
+    return preprocessor(data), time.perf_counter() - started
+
+
+async def _preprocess(request: web.Request, upload: Upload) -> torch.Tensor:
+    app = request.app
+    loop = asyncio.get_running_loop()
+    with app[TRACER].start_as_current_span(
+        "image.preprocess",
+        attributes={"image.index": upload.index, "image.bytes": len(upload.data)},
+    ):
+        tensor, seconds = await loop.run_in_executor(
+            app[PREPROCESS_POOL], _timed_preprocess, app[PREPROCESSOR], upload.data
+        )
+    # Observed here, on the loop: aioprometheus is not thread-safe.
+    app[METRICS].preprocess_duration.add({}, seconds)
+    return tensor
+
+
 async def _read_and_preprocess(request: web.Request) -> list[torch.Tensor]:
     """Tensors for every ``file`` part, in order; decoding starts as each part arrives."""
-    app = request.app
-    limits = app[SETTINGS].limits
-    loop = asyncio.get_running_loop()
+    limits = request.app[SETTINGS].limits
     uploads: list[Upload] = []
-    tasks: list[asyncio.Future[torch.Tensor]] = []
+    tasks: list[asyncio.Task[torch.Tensor]] = []
     try:
         async for upload in read_uploads(
             request,
@@ -51,7 +74,8 @@ async def _read_and_preprocess(request: web.Request) -> list[torch.Tensor]:
             max_files=limits.max_files_per_request,
         ):
             uploads.append(upload)
-            tasks.append(loop.run_in_executor(app[PREPROCESS_POOL], app[PREPROCESSOR], upload.data))
+            request[IMAGE_COUNT] = len(uploads)
+            tasks.append(asyncio.create_task(_preprocess(request, upload)))
         tensors = []
         for upload, task in zip(uploads, tasks, strict=True):
             try:
@@ -66,11 +90,11 @@ async def _read_and_preprocess(request: web.Request) -> list[torch.Tensor]:
         # A bad part or a gone client: decodes not yet started need not run.
         for task in tasks:
             task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _result(
-    probabilities: torch.Tensor, labels_top: list[tuple[str, float]], top_k: int | None
-) -> dict[str, Any]:
+def _result(labels_top: list[tuple[str, float]], top_k: int | None) -> dict[str, Any]:
     label, confidence = labels_top[0]
     result: dict[str, Any] = {"prediction": label, "confidence": confidence}
     if top_k is not None:
@@ -98,10 +122,16 @@ async def predict(request: web.Request) -> web.Response:
             f"the request deadline of {settings.batching.request_timeout_s} s passed "
             "before inference"
         )
-    inputs = [ImageInput(pixels=t, request_id=request_id) for t in tensors]
-    outputs = await app[BATCHER].submit_many(inputs, timeout_s=remaining)
+    request_span = trace.get_current_span().get_span_context()
+    inputs = [
+        ImageInput(pixels=t, request_id=request_id, span_context=request_span) for t in tensors
+    ]
+    with app[TRACER].start_as_current_span("batcher.wait", attributes={"images": len(inputs)}):
+        outputs = await app[BATCHER].submit_many(inputs, timeout_s=remaining)
 
-    results = [_result(p, classifier.top_k(p, top_k or 1), top_k) for p in outputs]
+    ranked = [classifier.top_k(p, top_k or 1) for p in outputs]
+    app[METRICS].observe_predictions([labels[0] for labels in ranked])
+    results = [_result(labels, top_k) for labels in ranked]
     if len(results) == 1:
         body: dict[str, Any] = {**results[0], "request_id": request_id}
     else:
@@ -128,6 +158,12 @@ async def ready(request: web.Request) -> web.Response:
         },
         status=503,
     )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition of this app's registry."""
+    body, headers = request.app[METRICS].render(request.headers.getall("Accept", []))
+    return web.Response(body=body, headers=headers)
 
 
 async def index(request: web.Request) -> web.Response:
@@ -159,6 +195,7 @@ async def index(request: web.Request) -> web.Response:
                 "POST /predict": "classify images: multipart field 'file', optional ?top_k=N",
                 "GET /health": "liveness",
                 "GET /ready": "readiness (model loaded and warmed up)",
+                "GET /metrics": "Prometheus metrics",
                 "GET /": "this summary",
             },
         }
@@ -169,5 +206,6 @@ ROUTES = [
     web.post("/predict", predict),
     web.get("/health", health, allow_head=False),
     web.get("/ready", ready, allow_head=False),
+    web.get("/metrics", metrics, allow_head=False),
     web.get("/", index, allow_head=False),
 ]

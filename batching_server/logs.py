@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
 import structlog
+from opentelemetry import trace
 
-__all__ = ["configure_logging"]
+__all__ = ["add_trace_context", "configure_logging"]
 
 
 def _orjson_dumps(event: Any, **_: Any) -> str:
     return orjson.dumps(event, default=str).decode()
+
+
+def add_trace_context(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Add the current span's ``trace_id`` and ``span_id``, as Jaeger and Tempo print them."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event.setdefault("trace_id", format(context.trace_id, "032x"))
+        event.setdefault("span_id", format(context.span_id, "016x"))
+    return event
 
 
 def configure_logging(*, level: str = "INFO", fmt: str = "json") -> None:
@@ -22,6 +33,7 @@ def configure_logging(*, level: str = "INFO", fmt: str = "json") -> None:
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
+        add_trace_context,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: structlog.types.Processor

@@ -1,7 +1,8 @@
-"""Middlewares: request ids, errors as JSON (never a traceback), one log line per request."""
+"""Middleware: request ids, errors as JSON (never a traceback), request metrics and log line."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -10,7 +11,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .appkeys import REQUEST_ID
+from .appkeys import IMAGE_COUNT, METRICS, REQUEST_ID
 from .errors import ServiceError
 from .responses import error_response
 
@@ -39,13 +40,32 @@ def _route(request: web.Request) -> str:
 
 @web.middleware
 async def request_context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Assign the request id, turn every error into JSON, and log the outcome."""
+    """Assign the request id, turn every error into JSON, then count, time and log it."""
     started = time.perf_counter()
     request_id = _request_id(request)
     request[REQUEST_ID] = request_id
+    metrics = request.app[METRICS]
     error_type: str | None = None
+    metrics.in_flight.inc({})
     try:
         response = await handler(request)
+    except asyncio.CancelledError:
+        # The client went away (aiohttp cancels the handler): there is no one to answer.
+        log.info(
+            "request_cancelled",
+            request_id=request_id,
+            method=request.method,
+            route=_route(request),
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        metrics.observe_request(
+            method=request.method,
+            endpoint=_route(request),
+            status=499,
+            seconds=time.perf_counter() - started,
+            error_type="client_closed_request",
+        )
+        raise
     except ServiceError as exc:
         error_type = exc.error_type
         response = error_response(
@@ -72,14 +92,26 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
             message="internal server error; quote the request_id when reporting it",
             request_id=request_id,
         )
+    finally:
+        metrics.in_flight.dec({})
     response.headers[REQUEST_ID_HEADER] = request_id
+    seconds = time.perf_counter() - started
+    route = _route(request)
+    metrics.observe_request(
+        method=request.method,
+        endpoint=route,
+        status=response.status,
+        seconds=seconds,
+        error_type=error_type,
+    )
     log.info(
         "request_failed" if error_type else "request_completed",
         request_id=request_id,
         method=request.method,
-        route=_route(request),
+        route=route,
         status=response.status,
-        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        duration_ms=round(seconds * 1000, 3),
+        images=request.get(IMAGE_COUNT, 0),
         **({"error_type": error_type} if error_type else {}),
     )
     return response

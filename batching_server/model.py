@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +17,8 @@ from typing import Any
 
 import structlog
 import torch
+from opentelemetry import trace
+from opentelemetry.trace import SpanContext
 from torch import nn
 from torchvision.models import ResNet50_Weights, resnet50
 
@@ -38,6 +42,7 @@ class ImageInput:
 
     pixels: torch.Tensor  # (3, 224, 224) float32, normalised
     request_id: str
+    span_context: SpanContext | None = None  # the request's span, linked from the batch span
 
 
 def default_thread_count() -> int:
@@ -121,6 +126,7 @@ class Classifier:
     """ResNet-50 behind its own executor thread, so forward passes never block the loop."""
 
     name = MODEL_NAME
+    precision = "fp32"
 
     def __init__(
         self,
@@ -150,7 +156,13 @@ class Classifier:
             return torch.softmax(logits.float(), dim=1).cpu()
 
     def _forward_inputs(self, items: Sequence[ImageInput]) -> list[torch.Tensor]:
+        started = time.perf_counter()
         probabilities = self.forward(torch.stack([item.pixels for item in items]))
+        # Runs in the model thread, inside the caller's context: this lands on the batch span.
+        trace.get_current_span().add_event(
+            "forward_pass",
+            {"thread": threading.current_thread().name, "seconds": time.perf_counter() - started},
+        )
         return list(probabilities.unbind(0))
 
     async def predict_batch(
@@ -158,7 +170,10 @@ class Classifier:
     ) -> list[torch.Tensor]:
         """Run one forward pass for a batch; one probability vector per item."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._forward_inputs, items)
+        # run_in_executor does not carry contextvars over; the active span must reach the
+        # model thread, so run the call inside a copy of this context.
+        context = contextvars.copy_context()
+        return await loop.run_in_executor(self._executor, context.run, self._forward_inputs, items)
 
     async def warmup(self, batch_sizes: Iterable[int]) -> float:
         """Run one forward pass per batch size; returns the seconds it took."""

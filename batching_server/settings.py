@@ -24,6 +24,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "SettingsError",
+    "TracingSettings",
     "load_settings",
     "settings_from_mapping",
 ]
@@ -109,6 +110,24 @@ def _weights(value: Any) -> str:
     return str(Path(value).expanduser())
 
 
+def _paths(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(p, str) and p.startswith("/") for p in value
+    ):
+        raise ValueError('a list of URL paths, such as ["/metrics", "/health"]')
+    return tuple(value)
+
+
+def _ratio(value: Any) -> float:
+    return float(_number(0.0, 1.0)(value))
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("a string")
+    return value
+
+
 def _setting(default: Any, check: Check, doc: str) -> Any:
     return field(default=default, metadata={"check": check, "doc": doc})
 
@@ -174,6 +193,24 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TracingSettings:
+    """OpenTelemetry spans: whether to record them and where to send them."""
+
+    enabled: bool = _setting(True, _boolean, "record spans (and put trace ids in logs)")
+    exporter: str = _setting(
+        "none", _choice("none", "otlp-http", "otlp-grpc", "console"), "where spans go"
+    )
+    endpoint: str = _setting(
+        "", _text, "collector URL; empty: OTEL_EXPORTER_OTLP_* variables or the default"
+    )
+    service_name: str = _setting("batching_server", _text, "service.name of every span")
+    sample_ratio: float = _setting(1.0, _ratio, "share of new traces recorded, 0 to 1")
+    excluded_paths: tuple[str, ...] = _setting(
+        ("/metrics", "/health", "/ready"), _paths, "paths that get no server span"
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     """The whole validated configuration."""
 
@@ -182,6 +219,7 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
     def replace(self, **sections: Mapping[str, Any]) -> Settings:
         """Return a copy with some keys changed, validated like a file would be."""

@@ -111,6 +111,9 @@ class SpyClassifier:
         self.real = real
         self.labels = real.labels
         self.device = real.device
+        self.name = real.name
+        self.precision = real.precision
+        self.module = real.module
         self.batch_sizes: list[int] = []
         self.gate = asyncio.Event()
         self.gate.set()

@@ -262,9 +262,10 @@ async def test_queue_full_is_503(app_client: AppClient, classifier: Classifier) 
 
 
 async def test_deadline_is_504(app_client: AppClient, classifier: Classifier) -> None:
+    # 1.5 s: long enough for the follow-up request's real forward pass on a slow machine.
     spy = SpyClassifier(classifier)
     spy.gate.clear()
-    client = await app_client(model=spy, batching={"request_timeout_s": 0.2})
+    client = await app_client(model=spy, batching={"request_timeout_s": 1.5})
     response = await client.post("/predict", data=form(JPEG))
     await assert_error(response, 504, "deadline_exceeded")
     spy.gate.set()

@@ -1,0 +1,157 @@
+"""OpenTelemetry: the tracer provider, per-request server spans, and one span per batch.
+
+A batch serves many requests, so its span is not a child of any of them: it carries a link
+to each request span instead, as the OpenTelemetry specification advises for batching.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from typing import TypeVar
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from opentelemetry import trace
+from opentelemetry.instrumentation.aiohttp_server import (
+    AioHttpServerInstrumentor,
+    create_aiohttp_middleware,
+)
+from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+from . import __version__
+from .batcher import BatchFunction, BatchInfo
+from .model import ImageInput
+from .settings import TracingSettings
+
+__all__ = ["create_tracer_provider", "server_span_middleware", "traced_batch_function"]
+
+R = TypeVar("R")
+
+log = structlog.get_logger("batching_server.batch")
+
+
+def _exporter(settings: TracingSettings) -> SpanExporter | None:
+    # An empty endpoint lets each exporter read OTEL_EXPORTER_OTLP_* itself.
+    endpoint = settings.endpoint or None
+    if settings.exporter == "otlp-http":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(endpoint=endpoint)
+    if settings.exporter == "otlp-grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcSpanExporter,
+        )
+
+        return GrpcSpanExporter(endpoint=endpoint)
+    if settings.exporter == "console":
+        return ConsoleSpanExporter()
+    return None
+
+
+def create_tracer_provider(settings: TracingSettings) -> TracerProvider | None:
+    """A provider as ``settings`` say, or None when tracing is off. Shut it down on exit."""
+    if not settings.enabled:
+        return None
+    resource = Resource.create(
+        {
+            SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME") or settings.service_name,
+            SERVICE_VERSION: __version__,
+        }
+    )
+    # OTEL_TRACES_SAMPLER wins when set: the SDK reads it when no sampler is passed.
+    sampler = (
+        None
+        if os.environ.get("OTEL_TRACES_SAMPLER")
+        else ParentBased(TraceIdRatioBased(settings.sample_ratio))
+    )
+    provider = TracerProvider(resource=resource, sampler=sampler)
+    exporter = _exporter(settings)
+    if exporter is not None:
+        # Batched export runs in its own thread: a slow or absent collector costs the
+        # request path nothing, and a full buffer drops spans instead of blocking.
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+_instrumentation_ready = False
+
+
+def _prepare_instrumentation() -> None:
+    # The aiohttp-server instrumentation keeps its excluded-URL list and meters in module
+    # globals that only instrument() fills; it also swaps web.Application globally, which we
+    # undo at once and add its middleware to our own app explicitly instead.
+    global _instrumentation_ready
+    if not _instrumentation_ready:
+        instrumentor = AioHttpServerInstrumentor()
+        with warnings.catch_warnings():
+            # Its web.Application subclass (which we never use) trips aiohttp's warning.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            instrumentor.instrument()
+        instrumentor.uninstrument()
+        _instrumentation_ready = True
+
+
+def server_span_middleware(provider: TracerProvider, excluded_paths: Sequence[str]) -> Middleware:
+    """One SERVER span per request, named by route, except for ``excluded_paths``."""
+    _prepare_instrumentation()
+    spans = create_aiohttp_middleware(tracer_provider=provider)
+    excluded = frozenset(excluded_paths)
+
+    @web.middleware
+    async def server_span(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in excluded:
+            return await handler(request)
+        response: web.StreamResponse = await spans(request, handler)
+        return response
+
+    return server_span
+
+
+def traced_batch_function(
+    batch_fn: BatchFunction[ImageInput, R],
+    *,
+    tracer: trace.Tracer,
+    model_name: str,
+    device: str,
+) -> BatchFunction[ImageInput, R]:
+    """Wrap ``batch_fn`` in a batch span linked to each request, and log one line per batch."""
+
+    async def run(items: Sequence[ImageInput], info: BatchInfo) -> Sequence[R]:
+        links = [
+            trace.Link(item.span_context)
+            for item in items
+            if item.span_context is not None and item.span_context.is_valid
+        ]
+        waits_ms = [w * 1000 for w in info.queue_waits_s]
+        attributes = {
+            "batch.size": info.size,
+            "batch.dispatch_reason": info.reason,
+            "batch.queue_wait_ms.max": max(waits_ms),
+            "batch.queue_wait_ms.mean": sum(waits_ms) / len(waits_ms),
+            "model.name": model_name,
+            "model.device": device,
+        }
+        with tracer.start_as_current_span(
+            f"{model_name}.batch", links=links, attributes=attributes
+        ):
+            started = time.perf_counter()
+            results = await batch_fn(items, info)
+            # Logged inside the span, so the line carries the batch's trace_id.
+            log.info(
+                "batch_completed",
+                size=info.size,
+                dispatch_reason=info.reason,
+                queue_wait_ms_max=round(max(waits_ms), 3),
+                inference_ms=round((time.perf_counter() - started) * 1000, 3),
+                request_ids=sorted({item.request_id for item in items}),
+            )
+            return results
+
+    return run
