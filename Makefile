@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: install serve test lint format bench clean
+.PHONY: install system-deps serve test lint format bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,10 @@ install: $(STAMP)  ## create .venv and install the package with its test tools
 serve: $(STAMP)  ## run the server (ARGS="--port 9000" to pass options)
 	$(BIN)/batching-server $(ARGS)
 
-test: $(STAMP)  ## run the whole test suite, slow tests included
+system-deps:  ## prometheus and promtool, which the tests run for real
+	.ci/system-deps
+
+test: $(STAMP) system-deps  ## run the whole test suite, slow tests included
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)  ## ruff, ruff format and mypy, as CI runs them

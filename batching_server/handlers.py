@@ -42,9 +42,16 @@ def _top_k(request: web.Request, num_classes: int) -> int | None:
     return k
 
 
-def _timed_preprocess(preprocessor: Preprocessor, data: bytes) -> tuple[torch.Tensor, float]:
+def _timed_preprocess(
+    preprocessor: Preprocessor, data: bytes
+) -> tuple[torch.Tensor | ServiceError, float]:
+    # Runs in the pool. Rejected images are timed too: junk costs decode time as well.
     started = time.perf_counter()
-    return preprocessor(data), time.perf_counter() - started
+    try:
+        result: torch.Tensor | ServiceError = preprocessor(data)
+    except ServiceError as exc:
+        result = exc
+    return result, time.perf_counter() - started
 
 
 async def _preprocess(request: web.Request, upload: Upload) -> torch.Tensor:
@@ -54,12 +61,14 @@ async def _preprocess(request: web.Request, upload: Upload) -> torch.Tensor:
         "image.preprocess",
         attributes={"image.index": upload.index, "image.bytes": len(upload.data)},
     ):
-        tensor, seconds = await loop.run_in_executor(
+        result, seconds = await loop.run_in_executor(
             app[PREPROCESS_POOL], _timed_preprocess, app[PREPROCESSOR], upload.data
         )
-    # Observed here, on the loop: aioprometheus is not thread-safe.
-    app[METRICS].preprocess_duration.add({}, seconds)
-    return tensor
+        # Observed here, on the loop: aioprometheus is not thread-safe.
+        app[METRICS].preprocess_duration.add({}, seconds)
+        if isinstance(result, ServiceError):
+            raise result
+    return result
 
 
 async def _read_and_preprocess(request: web.Request) -> list[torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 import structlog
@@ -27,8 +27,11 @@ def add_trace_context(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutab
     return event
 
 
-def configure_logging(*, level: str = "INFO", fmt: str = "json") -> None:
-    """Send every log line, ours and the libraries', to stdout as JSON or text."""
+def configure_logging(
+    *, level: str = "INFO", fmt: str = "json", stream: TextIO | None = None
+) -> None:
+    """Send every log line, ours and the libraries', to ``stream`` (stdout) as JSON or text."""
+    stream = stream or sys.stdout
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -41,7 +44,7 @@ def configure_logging(*, level: str = "INFO", fmt: str = "json") -> None:
         renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
         shared.append(structlog.processors.dict_tracebacks)
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
     structlog.configure(
         processors=[
             structlog.stdlib.filter_by_level,
@@ -52,7 +55,7 @@ def configure_logging(*, level: str = "INFO", fmt: str = "json") -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,

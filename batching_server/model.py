@@ -217,6 +217,7 @@ def load_classifier(settings: ModelSettings, *, max_concurrent_batches: int = 1)
         model=MODEL_NAME,
         weights=settings.weights,
         device=str(device),
+        precision=classifier.precision,
         num_threads=num_threads,
         load_seconds=round(time.perf_counter() - started, 3),
         parameter_bytes=sum(p.numel() * p.element_size() for p in module.parameters()),

@@ -42,9 +42,17 @@ def app_client(aiohttp_client: Any, classifier: Classifier) -> AppClient:
     """Start the real app with the shared model and return a client once it is ready."""
 
     async def start(
-        settings: Settings | None = None, *, model: Any = None, **sections: dict[str, Any]
+        settings: Settings | None = None,
+        *,
+        model: Any = None,
+        tracer_provider: Any = None,
+        **sections: dict[str, Any],
     ) -> Any:
-        app = create_app(settings or make_settings(**sections), classifier=model or classifier)
+        app = create_app(
+            settings or make_settings(**sections),
+            classifier=model or classifier,
+            tracer_provider=tracer_provider,
+        )
         client = await aiohttp_client(app)
         await app[READINESS].wait_ready()
         return client

@@ -1,0 +1,266 @@
+"""Metrics, spans and logs of the real app, read back the way their consumers read them."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+from aiohttp import FormData
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from batching_server.logs import configure_logging
+from batching_server.model import Classifier
+from tests.conftest import AppClient
+from tests.fakes import SpyClassifier
+from tests.images import photo_bytes
+
+JPEG = photo_bytes("chelsea.png")
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def form(*files: bytes) -> FormData:
+    data = FormData()
+    for content in files:
+        data.add_field("file", content, filename="x.jpg", content_type="image/jpeg")
+    return data
+
+
+def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Samples of a text exposition, keyed by name and label set."""
+    samples = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match:
+            labels = frozenset(_LABEL.findall(match.group(3) or ""))
+            samples[(match.group(1), labels)] = float(match.group(4))
+    return samples
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+async def scrape(client: Any) -> dict[Any, float]:
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.content_type == "text/plain"
+    return parse_metrics(await response.text())
+
+
+@pytest.fixture
+def spans() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider, exporter
+    provider.shutdown()
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+async def test_golden_signals_and_batch_metrics(
+    app_client: AppClient, classifier: Classifier
+) -> None:
+    spy = SpyClassifier(classifier)
+    client = await app_client(model=spy, batching={"max_batch_size": 4, "max_wait_ms": 10_000.0})
+    responses = await asyncio.gather(*(client.post("/predict", data=form(JPEG)) for _ in range(4)))
+    assert [r.status for r in responses] == [200] * 4
+    assert (await client.post("/predict", data=form(b"not an image"))).status == 400
+    assert (await client.get("/no/such/path")).status == 404
+
+    samples = await scrape(client)
+    predict_ok = {"method": "POST", "endpoint": "/predict", "status": "2xx"}
+    assert value(samples, "http_requests_total", **predict_ok) == 4
+    assert value(samples, "http_request_duration_seconds_count", **predict_ok) == 4
+    assert value(samples, "http_requests_total", method="POST", endpoint="/predict", status="4xx")
+    assert (
+        value(
+            samples,
+            "http_errors_total",
+            method="POST",
+            endpoint="/predict",
+            error_type="invalid_image",
+        )
+        == 1
+    )
+    # The raw path never becomes a label value: cardinality stays bounded.
+    assert value(samples, "http_requests_total", method="GET", endpoint="unmatched", status="4xx")
+    assert not any("/no/such/path" in str(labels) for _, labels in samples)
+
+    assert spy.batch_sizes == [4]
+    assert value(samples, "batch_size_count") == 1
+    assert value(samples, "batch_size_bucket", le="3.0") == 0
+    assert value(samples, "batch_size_bucket", le="4.0") == 1
+    assert value(samples, "batch_dispatch_total", reason="full") == 1
+    assert value(samples, "batch_queue_wait_seconds_count") == 4
+    assert value(samples, "model_inference_duration_seconds_count", model_name="resnet50") == 1
+    assert value(samples, "image_preprocess_duration_seconds_count") == 5  # 4 good, 1 bad
+    assert value(samples, "model_prediction_confidence_count") == 4
+    predicted = [v for (name, _), v in samples.items() if name == "model_predictions_total"]
+    assert sum(predicted) == 4
+    assert value(samples, "inference_queue_size") == 0
+    assert value(samples, "http_requests_in_flight") == 1  # the scrape itself
+    assert value(samples, "model_memory_usage_bytes") > 90_000_000  # ResNet-50, fp32
+    info = [labels for (name, labels), _ in samples.items() if name == "model_info"]
+    assert dict(info[0]) == {
+        "version": "0.1.0",
+        "model_name": "resnet50",
+        "weights": "random",
+        "device": "cpu",
+        "precision": "fp32",
+    }
+
+
+async def test_drops_are_counted_by_reason(app_client: AppClient, classifier: Classifier) -> None:
+    spy = SpyClassifier(classifier)
+    spy.gate.clear()
+    client = await app_client(
+        model=spy,
+        batching={"max_batch_size": 1, "max_queue_size": 1, "max_wait_ms": 0.0},
+        limits={"max_files_per_request": 1},
+    )
+    running = asyncio.create_task(client.post("/predict", data=form(JPEG)))
+    await spy.started.wait()
+    queued = asyncio.create_task(client.post("/predict", data=form(JPEG)))
+    for _ in range(500):  # bounded wait until the second request holds the queue slot
+        if value(await scrape(client), "inference_queue_size") == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert (await client.post("/predict", data=form(JPEG))).status == 503
+    spy.gate.set()
+    assert [(await r).status for r in (running, queued)] == [200, 200]
+    samples = await scrape(client)
+    assert value(samples, "batch_dropped_total", reason="rejected") == 1
+    assert value(samples, "batch_dropped_total", reason="expired") == 0
+    assert value(samples, "batch_dispatch_total", reason="full") == 2  # size 1 is always full
+
+
+# --- spans -----------------------------------------------------------------------------------
+
+
+def by_name(finished: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
+    return [span for span in finished if span.name == name]
+
+
+async def test_span_tree_and_batch_links(
+    app_client: AppClient, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = spans
+    client = await app_client(
+        tracer_provider=provider, batching={"max_batch_size": 3, "max_wait_ms": 10_000.0}
+    )
+    responses = await asyncio.gather(*(client.post("/predict", data=form(JPEG)) for _ in range(3)))
+    assert [r.status for r in responses] == [200] * 3
+    for path in ("/health", "/ready", "/metrics"):
+        assert (await client.get(path)).status == 200
+
+    finished = exporter.get_finished_spans()
+    servers = [s for s in finished if s.kind == SpanKind.SERVER]
+    assert [s.name for s in servers] == ["POST /predict"] * 3  # probes and scrapes excluded
+    for server in servers:
+        children = [s for s in finished if s.parent and s.parent.span_id == server.context.span_id]
+        assert sorted(s.name for s in children) == ["batcher.wait", "image.preprocess"]
+        assert all(s.context.trace_id == server.context.trace_id for s in children)
+        assert server.attributes is not None
+        assert server.attributes.get("http.status_code", 200) == 200
+
+    (batch,) = by_name(finished, "resnet50.batch")
+    linked = {(link.context.trace_id, link.context.span_id) for link in batch.links}
+    assert linked == {(s.context.trace_id, s.context.span_id) for s in servers}
+    assert batch.attributes is not None
+    assert batch.attributes["batch.size"] == 3
+    assert batch.attributes["batch.dispatch_reason"] == "full"
+    assert batch.attributes["model.device"] == "cpu"
+    assert batch.attributes["batch.queue_wait_ms.max"] >= 0
+    # Recorded in the model's executor thread: the context crossed the thread boundary.
+    (event,) = batch.events
+    assert event.name == "forward_pass"
+    assert event.attributes is not None
+    assert str(event.attributes["thread"]).startswith("model")
+
+
+async def test_server_span_continues_the_clients_trace(
+    app_client: AppClient, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = spans
+    client = await app_client(tracer_provider=provider)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    traceparent = f"00-{trace_id}-00f067aa0ba902b7-01"
+    response = await client.post("/predict", data=form(JPEG), headers={"traceparent": traceparent})
+    assert response.status == 200
+    (server,) = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert format(server.context.trace_id, "032x") == trace_id
+    assert server.parent is not None
+    assert format(server.parent.span_id, "016x") == "00f067aa0ba902b7"
+
+
+# --- logs ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def json_logs() -> Iterator[Any]:
+    """Configure JSON logging into a buffer, as the server does into stdout; restore after."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    buffer = io.StringIO()
+    configure_logging(level="INFO", fmt="json", stream=buffer)
+
+    def lines() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in buffer.getvalue().splitlines()]
+
+    yield lines
+    root.handlers, root.level = saved[0], saved[1]
+    structlog.reset_defaults()
+
+
+async def test_log_lines_are_json_and_correlate_with_spans(
+    app_client: AppClient,
+    spans: tuple[TracerProvider, InMemorySpanExporter],
+    json_logs: Any,
+) -> None:
+    provider, exporter = spans
+    client = await app_client(
+        tracer_provider=provider, batching={"max_batch_size": 2, "max_wait_ms": 10_000.0}
+    )
+    responses = await asyncio.gather(*(client.post("/predict", data=form(JPEG)) for _ in range(2)))
+    request_ids = sorted(r.headers["X-Request-ID"] for r in responses)
+    assert (await client.post("/predict", data=form(b"junk"))).status == 400
+
+    lines = json_logs()  # every line parsed as JSON, or this raises
+    completed = [line for line in lines if line["event"] == "request_completed"]
+    assert sorted(line["request_id"] for line in completed) == request_ids
+    finished = exporter.get_finished_spans()
+    servers = {
+        format(s.context.span_id, "016x"): format(s.context.trace_id, "032x")
+        for s in finished
+        if s.kind == SpanKind.SERVER
+    }
+    for line in completed:
+        assert line["method"] == "POST"
+        assert line["route"] == "/predict"
+        assert line["status"] == 200
+        assert line["images"] == 1
+        assert isinstance(line["duration_ms"], float)
+        assert servers[line["span_id"]] == line["trace_id"]
+
+    (failed,) = [line for line in lines if line["event"] == "request_failed"]
+    assert (failed["status"], failed["error_type"]) == (400, "invalid_image")
+
+    (batch_line,) = [line for line in lines if line["event"] == "batch_completed"]
+    (batch_span,) = by_name(finished, "resnet50.batch")
+    assert batch_line["trace_id"] == format(batch_span.context.trace_id, "032x")
+    assert batch_line["request_ids"] == request_ids
+    assert (batch_line["size"], batch_line["dispatch_reason"]) == (2, "full")
+    assert batch_line["inference_ms"] > 0
