@@ -13,12 +13,14 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
+import torch
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from . import __version__
+from .acceleration import warmup_sizes
 from .appkeys import (
     BATCHER,
     CLASSIFIER,
@@ -70,7 +72,9 @@ def create_app(
     app[SETTINGS] = settings
     app[READINESS] = Readiness()
     app[METRICS] = ServiceMetrics(
-        model_name=MODEL_NAME, max_batch_size=settings.batching.max_batch_size
+        model_name=MODEL_NAME,
+        max_batch_size=settings.batching.max_batch_size,
+        batch_sizes=settings.batching.batch_sizes,
     )
     app[TRACER] = (
         provider.get_tracer("batching_server", __version__) if provider else trace.NoOpTracer()
@@ -99,7 +103,14 @@ def _tracing_ctx(provider: TracerProvider) -> Callable[[web.Application], AsyncI
 
 async def _preprocess_pool_ctx(app: web.Application) -> AsyncIterator[None]:
     # Decoding is CPU-bound and releases the GIL: one thread per core keeps every core busy.
-    pool = ThreadPoolExecutor(max_workers=default_thread_count(), thread_name_prefix="preprocess")
+    pool = ThreadPoolExecutor(
+        max_workers=default_thread_count(),
+        thread_name_prefix="preprocess",
+        # One torch thread per worker: the pool already spreads images over the cores, and
+        # more would fight the model thread for them.
+        initializer=torch.set_num_threads,
+        initargs=(1,),
+    )
     app[PREPROCESS_POOL] = pool
     yield
     pool.shutdown(wait=True, cancel_futures=True)
@@ -116,9 +127,7 @@ def _model_ctx(
             classifier = injected
         else:
             classifier = await asyncio.to_thread(
-                load_classifier,
-                settings.model,
-                max_concurrent_batches=settings.batching.max_concurrent_batches,
+                load_classifier, settings.model, batching=settings.batching
             )
         app[CLASSIFIER] = classifier
         app[METRICS].describe_model(
@@ -145,7 +154,7 @@ async def _warm_up(app: web.Application, classifier: Classifier) -> None:
     readiness = app[READINESS]
     if settings.model.warmup:
         readiness.mark_not_ready("warming up the model")
-        sizes = range(1, settings.batching.max_batch_size + 1)
+        sizes = warmup_sizes(settings.batching.max_batch_size, settings.batching.batch_sizes)
         try:
             seconds = await classifier.warmup(sizes)
         except Exception as exc:

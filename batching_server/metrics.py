@@ -13,6 +13,7 @@ from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
 from aioprometheus.renderer import render
 
 from . import __version__
+from .acceleration import padded_size
 from .batcher import BatchInfo, DropReason
 
 __all__ = ["ServiceMetrics"]
@@ -39,9 +40,12 @@ def method_label(method: str) -> str:
 class ServiceMetrics:
     """Every metric the server exports, and the batcher observer that feeds the batch ones."""
 
-    def __init__(self, *, model_name: str, max_batch_size: int) -> None:
+    def __init__(
+        self, *, model_name: str, max_batch_size: int, batch_sizes: Sequence[int] = ()
+    ) -> None:
         self.registry = Registry()
         self.model_name = model_name
+        self.batch_sizes = tuple(batch_sizes)
         r = self.registry
         self.request_duration = Histogram(
             "http_request_duration_seconds",
@@ -108,6 +112,11 @@ class ServiceMetrics:
             "Images dropped before the forward pass, by reason: cancelled, expired, rejected.",
             registry=r,
         )
+        self.padding = Counter(
+            "batch_padding_images_total",
+            "Zero images added to reach an allowed batch size (batching.batch_sizes).",
+            registry=r,
+        )
         self.preprocess_duration = Histogram(
             "image_preprocess_duration_seconds",
             "Time to decode and transform one image, in the preprocessing pool.",
@@ -122,6 +131,7 @@ class ServiceMetrics:
             self.dropped.set({"reason": drop}, 0)
         self.queue_size.set({}, 0)
         self.in_flight.set({}, 0)
+        self.padding.set({}, 0)
 
     def describe_model(
         self, *, weights: str, device: str, precision: str, module: torch.nn.Module
@@ -170,6 +180,9 @@ class ServiceMetrics:
     def on_dispatch(self, info: BatchInfo) -> None:
         self.batch_size.add({}, info.size)
         self.dispatches.inc({"reason": info.reason})
+        padding = padded_size(info.size, self.batch_sizes) - info.size
+        if padding:
+            self.padding.add({}, padding)
         for wait in info.queue_waits_s:
             self.queue_wait.add({}, wait)
 

@@ -22,9 +22,10 @@ from opentelemetry.trace import SpanContext
 from torch import nn
 from torchvision.models import ResNet50_Weights, resnet50
 
+from .acceleration import autocast, choose_precision, compile_module, padded_size, warmup_sizes
 from .batcher import BatchInfo
 from .errors import ModelLoadError
-from .settings import ModelSettings
+from .settings import BatchingSettings, ModelSettings
 
 __all__ = ["LABELS", "Classifier", "ImageInput", "load_classifier", "resolve_device"]
 
@@ -119,6 +120,7 @@ def _load_module(weights: str, seed: int) -> nn.Module:
 
 
 def _configure_thread(num_threads: int) -> None:
+    # With OpenMP the thread count is per calling thread: set it in the thread that runs.
     torch.set_num_threads(num_threads)
 
 
@@ -126,7 +128,6 @@ class Classifier:
     """ResNet-50 behind its own executor thread, so forward passes never block the loop."""
 
     name = MODEL_NAME
-    precision = "fp32"
 
     def __init__(
         self,
@@ -135,13 +136,27 @@ class Classifier:
         device: torch.device,
         weights: str,
         num_threads: int,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        compile: bool = False,
+        batch_sizes: Sequence[int] = (),
+        max_batch_size: int = 1,
         max_concurrent_batches: int = 1,
     ) -> None:
-        self.module = module.eval().to(device)
         self.device = device
         self.weights = weights
         self.num_threads = num_threads
+        self.precision = precision
+        self.channels_last = channels_last
+        self.compiled = compile
+        self.batch_sizes = tuple(batch_sizes)
         self.labels = LABELS
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.module = module.eval().to(device).to(memory_format=memory_format)
+        self._run: Any = self.module
+        if compile:
+            shapes = len(warmup_sizes(max_batch_size, self.batch_sizes))
+            self._run = compile_module(self.module, shapes=shapes)
         self._executor = ThreadPoolExecutor(
             max_workers=max_concurrent_batches,
             thread_name_prefix="model",
@@ -150,9 +165,23 @@ class Classifier:
         )
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (N, 1000) on the CPU for a (N, 3, 224, 224) batch; blocking."""
-        with torch.inference_mode():
-            logits = self.module(pixels.to(self.device, non_blocking=True))
+        """Class probabilities (N, 1000) on the CPU for a (N, 3, 224, 224) batch; blocking.
+
+        The batch is zero-padded up to the next of ``batch_sizes``, so compiled graphs see
+        only the shapes warm-up compiled.
+        """
+        size = pixels.shape[0]
+        padded = padded_size(size, self.batch_sizes)
+        if padded > size:
+            pixels = torch.cat([pixels, pixels.new_zeros(padded - size, *pixels.shape[1:])])
+        if self.device.type == "cuda":
+            # Page-locked memory lets the copy overlap with work already on the GPU.
+            pixels = pixels.pin_memory()
+        with torch.inference_mode(), autocast(self.precision, self.device):
+            batch = pixels.to(self.device, non_blocking=True)
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            logits = self._run(batch)[:size]
             return torch.softmax(logits.float(), dim=1).cpu()
 
     def _forward_inputs(self, items: Sequence[ImageInput]) -> list[torch.Tensor]:
@@ -198,11 +227,27 @@ class Classifier:
         self._executor.shutdown(wait=True)
 
 
-def load_classifier(settings: ModelSettings, *, max_concurrent_batches: int = 1) -> Classifier:
+def _set_interop_threads(count: int) -> None:
+    if count:
+        try:
+            torch.set_num_interop_threads(count)
+        except RuntimeError as exc:  # only possible before any inter-op work has started
+            log.warning("interop_threads_not_applied", requested=count, error=str(exc))
+
+
+def load_classifier(
+    settings: ModelSettings,
+    *,
+    batching: BatchingSettings | None = None,
+) -> Classifier:
     """Load ResNet-50 as ``settings`` say; raises ``ModelLoadError`` with the fix."""
+    batching = batching or BatchingSettings()
     device = resolve_device(settings.device)
+    precision, why = choose_precision(settings.precision, device)
+    if device.type == "cpu" and precision == "fp16":
+        log.warning("slow_precision", precision=precision, reason="fp16 on CPU is emulated")
     num_threads = settings.num_threads or default_thread_count()
-    torch.set_num_threads(num_threads)
+    _set_interop_threads(settings.interop_threads)
     started = time.perf_counter()
     module = _load_module(settings.weights, settings.seed)
     classifier = Classifier(
@@ -210,14 +255,22 @@ def load_classifier(settings: ModelSettings, *, max_concurrent_batches: int = 1)
         device=device,
         weights=settings.weights,
         num_threads=num_threads,
-        max_concurrent_batches=max_concurrent_batches,
+        precision=precision,
+        channels_last=settings.channels_last,
+        compile=settings.compile,
+        batch_sizes=batching.batch_sizes,
+        max_batch_size=batching.max_batch_size,
+        max_concurrent_batches=batching.max_concurrent_batches,
     )
     log.info(
         "model_loaded",
         model=MODEL_NAME,
         weights=settings.weights,
         device=str(device),
-        precision=classifier.precision,
+        precision=precision,
+        precision_reason=why,
+        channels_last=settings.channels_last,
+        compile=settings.compile,
         num_threads=num_threads,
         load_seconds=round(time.perf_counter() - started, 3),
         parameter_bytes=sum(p.numel() * p.element_size() for p in module.parameters()),

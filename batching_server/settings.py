@@ -118,6 +118,16 @@ def _paths(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _batch_sizes(value: Any) -> tuple[int, ...]:
+    if (
+        not isinstance(value, list | tuple)
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 256 for v in value)
+        or list(value) != sorted(set(value))
+    ):
+        raise ValueError("a strictly increasing list of integers from 1 to 256, such as [1, 4, 8]")
+    return tuple(value)
+
+
 def _ratio(value: Any) -> float:
     return float(_number(0.0, 1.0)(value))
 
@@ -154,6 +164,9 @@ class BatchingSettings:
     max_queue_size: int = _setting(64, _integer(1, 100_000), "images waiting, at most")
     request_timeout_s: float = _setting(30.0, _number(0.001, 3600), "deadline of one request")
     max_concurrent_batches: int = _setting(1, _integer(1, 16), "forward passes in flight")
+    batch_sizes: tuple[int, ...] = _setting(
+        (), _batch_sizes, "allowed batch shapes; a batch is padded up to the next one"
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -164,6 +177,12 @@ class ModelSettings:
     device: str = _setting("auto", _choice("auto", "cpu", "cuda"), "where the model runs")
     warmup: bool = _setting(True, _boolean, "run every batch size once before ready")
     num_threads: int = _setting(0, _integer(0, 1024), "torch intra-op threads (0: one per core)")
+    interop_threads: int = _setting(0, _integer(0, 1024), "torch inter-op threads (0: torch's)")
+    precision: str = _setting(
+        "auto", _choice("auto", "fp32", "bf16", "fp16"), "autocast precision; auto: native"
+    )
+    channels_last: bool = _setting(True, _boolean, "NHWC memory format (faster on CPU and GPU)")
+    compile: bool = _setting(False, _boolean, "torch.compile (inductor, freezing) at warm-up")
     seed: int = _setting(0, _integer(0, 2**32 - 1), "seed of the 'random' weights")
 
 
@@ -245,6 +264,14 @@ def _cross_checks(settings: Settings) -> list[tuple[set[str], str]]:
                 {"batching.max_queue_size", "batching.max_batch_size"},
                 f"batching.max_queue_size ({batching.max_queue_size}) must be at least "
                 f"batching.max_batch_size ({batching.max_batch_size}), or no batch can fill",
+            )
+        )
+    if batching.batch_sizes and batching.batch_sizes[-1] < batching.max_batch_size:
+        problems.append(
+            (
+                {"batching.batch_sizes", "batching.max_batch_size"},
+                f"the largest of batching.batch_sizes ({batching.batch_sizes[-1]}) must be at "
+                f"least batching.max_batch_size ({batching.max_batch_size})",
             )
         )
     if limits.max_files_per_request > batching.max_queue_size:

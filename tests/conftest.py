@@ -21,7 +21,14 @@ def make_settings(**sections: dict[str, Any]) -> Settings:
     """Test settings: random weights, no warm-up, loopback; override per section."""
     raw: dict[str, dict[str, Any]] = {
         "server": {"host": "127.0.0.1", "port": 0},
-        "model": {"weights": "random", "warmup": False, "device": "cpu"},
+        # fp32 eager: exact comparisons against torchvision; fast paths have their own tests.
+        "model": {
+            "weights": "random",
+            "warmup": False,
+            "device": "cpu",
+            "precision": "fp32",
+            "channels_last": False,
+        },
         "batching": {"max_batch_size": 8, "max_wait_ms": 5.0},
     }
     for name, values in sections.items():

@@ -11,6 +11,7 @@ import functools
 import os
 import socket
 import subprocess
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from tests.images import PHOTOS, photo_bytes
 
 TIMEOUT_S = 60
 POLL_S = 0.25
+CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=TIMEOUT_S)
 
 
 @functools.cache
@@ -129,6 +131,15 @@ async def test_promtool_accepts_a_real_scrape(app_client: AppClient) -> None:
 # --- 2. a real Prometheus server scrapes the running app ----------------------------------
 
 
+def attempts() -> Iterator[int]:
+    """Bounded polling: at most TIMEOUT_S / POLL_S tries, and at most TIMEOUT_S seconds."""
+    deadline = time.monotonic() + TIMEOUT_S
+    for attempt in range(int(TIMEOUT_S / POLL_S)):
+        if time.monotonic() > deadline:
+            return
+        yield attempt
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -177,8 +188,7 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[str], tuple[str, subprocess
 async def wait_ready(
     session: aiohttp.ClientSession, base: str, process: subprocess.Popen[bytes]
 ) -> None:
-    deadline = asyncio.get_running_loop().time() + TIMEOUT_S
-    while asyncio.get_running_loop().time() < deadline:
+    for _ in attempts():
         assert process.poll() is None, "prometheus exited; see prometheus.log in tmp_path"
         with contextlib.suppress(aiohttp.ClientConnectionError):
             async with session.get(f"{base}/-/ready") as response:
@@ -201,14 +211,13 @@ async def query(session: aiohttp.ClientSession, base: str, promql: str) -> float
 async def poll(
     session: aiohttp.ClientSession, base: str, promql: str, done: Callable[[float], bool]
 ) -> float | None:
-    """Query until ``done(value)`` or the deadline; returns the last value seen."""
-    deadline = asyncio.get_running_loop().time() + TIMEOUT_S
-    value = await query(session, base, promql)
-    while not (value is not None and done(value)):
-        if asyncio.get_running_loop().time() > deadline:
+    """Query until ``done(value)``, at most TIMEOUT_S; returns the last value seen."""
+    value = None
+    for _ in attempts():
+        value = await query(session, base, promql)
+        if value is not None and done(value):
             break
         await asyncio.sleep(POLL_S)
-        value = await query(session, base, promql)
     return value
 
 
@@ -220,7 +229,7 @@ async def test_prometheus_scrapes_requests_and_batches(
     burst = 24
     settings = make_settings(batching={"max_batch_size": 8, "max_wait_ms": 200.0})
     app = create_app(settings, classifier=classifier)
-    async with serving(app) as app_base, aiohttp.ClientSession() as session:
+    async with serving(app) as app_base, aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
         prom, process = await asyncio.to_thread(prometheus, app_base.removeprefix("http://"))
         await wait_ready(session, prom, process)
         # The target is up before the burst, so the burst lands in later scrapes.
@@ -230,12 +239,14 @@ async def test_prometheus_scrapes_requests_and_batches(
 
         requests = 'http_requests_total{job="app",endpoint="/predict",method="POST",status="2xx"}'
         assert await poll(session, prom, requests, lambda v: v >= burst) == burst
-        # Read in the same scrape as the counter: every image went through one batch.
+        # The burst is over and fully scraped: each image went through exactly one batch.
         assert await query(session, prom, 'sum(batch_size_sum{job="app"})') == burst
         batches = await query(session, prom, 'sum(batch_size_count{job="app"})')
         assert batches is not None
         assert 1 <= batches < burst
-        larger_than_one = 'sum(batch_size_count{job="app"}) - sum(batch_size_bucket{le="1.0"})'
+        larger_than_one = (
+            'sum(batch_size_count{job="app"}) - sum(batch_size_bucket{job="app",le="1.0"})'
+        )
         assert (await query(session, prom, larger_than_one) or 0) >= 1
         assert await query(session, prom, 'sum(batch_dropped_total{job="app"})') == 0
 
@@ -300,7 +311,10 @@ async def test_otlp_http_export_links_batches_to_requests(classifier: Classifier
         assert provider is not None
         try:
             app = create_app(settings, classifier=classifier, tracer_provider=provider)
-            async with serving(app) as base, aiohttp.ClientSession() as session:
+            async with (
+                serving(app) as base,
+                aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session,
+            ):
                 for path in ("/health", "/ready", "/metrics"):
                     async with session.get(f"{base}{path}") as response:
                         assert response.status == 200

@@ -1,0 +1,90 @@
+"""How the forward pass runs fast: precision, memory format, torch.compile, fixed batch shapes."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "autocast",
+    "choose_precision",
+    "compile_module",
+    "cpu_flags",
+    "padded_size",
+    "warmup_sizes",
+]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def choose_precision(
+    requested: str, device: torch.device, flags: frozenset[str] | None = None
+) -> tuple[str, str]:
+    """The precision to run in, and why: ``auto`` picks what the hardware does natively."""
+    if requested != "auto":
+        return requested, "set by model.precision"
+    if device.type == "cuda":
+        return "fp16", "CUDA device: fp16 autocast runs on tensor cores"
+    flags = cpu_flags() if flags is None else flags
+    native = sorted({"amx_bf16", "avx512_bf16"} & flags)
+    if native:
+        return "bf16", f"CPU has {' and '.join(native)}: bf16 matmuls run natively"
+    return "fp32", "CPU has neither AMX nor AVX512-BF16: bf16 would be emulated, and slower"
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast for bf16/fp16 (weights stay fp32, so accuracy-critical ops stay fp32)."""
+    if precision in _DTYPES:
+        return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+    return contextlib.nullcontext()
+
+
+def padded_size(size: int, batch_sizes: Sequence[int]) -> int:
+    """The smallest allowed batch size that holds ``size`` images (``size`` if any goes)."""
+    for allowed in batch_sizes:
+        if allowed >= size:
+            return allowed
+    return size
+
+
+def warmup_sizes(max_batch_size: int, batch_sizes: Sequence[int]) -> list[int]:
+    """Every batch shape a forward pass can see, so warm-up can run (and compile) each."""
+    return sorted({padded_size(n, batch_sizes) for n in range(1, max_batch_size + 1)})
+
+
+def compile_module(module: nn.Module, *, shapes: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.compile`` with inductor and weight freezing, one static graph per batch shape."""
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
+    # Freezing folds batch norm into the convolutions and pre-packs weights for oneDNN:
+    # inference-only, which is all we do.
+    inductor_config.freezing = True
+    # One graph per batch shape; past the recompile limit dynamo would silently fall back
+    # to eager for the extra shapes.
+    limit = max(8, shapes + 2)
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
+    compiled: Callable[[torch.Tensor], torch.Tensor] = torch.compile(
+        module, backend="inductor", dynamic=False
+    )
+    return compiled
