@@ -1,0 +1,120 @@
+"""The forward-pass fast path: precision choice, channels_last, padding, torch.compile."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from aiohttp import FormData
+
+from batching_server.acceleration import choose_precision, padded_size, warmup_sizes
+from batching_server.model import Classifier, load_classifier
+from batching_server.preprocess import Preprocessor
+from tests.conftest import AppClient, make_settings
+from tests.images import PHOTOS, photo_bytes
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def photos() -> torch.Tensor:
+    preprocessor = Preprocessor(weights="random", max_image_pixels=10**8)
+    return torch.stack([preprocessor(photo_bytes(name)) for name in PHOTOS])
+
+
+def variant(**model: Any) -> Iterator[Classifier]:
+    settings = make_settings(model=model)
+    loaded = load_classifier(settings.model, batching=settings.batching)
+    yield loaded
+    loaded.close()
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "flags", "expected"),
+    [
+        pytest.param("auto", "cpu", {"avx512f", "amx_bf16", "amx_tile"}, "bf16", id="amx"),
+        pytest.param("auto", "cpu", {"avx512f", "avx512_bf16"}, "bf16", id="avx512-bf16"),
+        pytest.param("auto", "cpu", {"avx2", "fma"}, "fp32", id="no-native-bf16"),
+        pytest.param("auto", "cuda", set(), "fp16", id="cuda"),
+        pytest.param("fp32", "cpu", {"amx_bf16"}, "fp32", id="explicit-wins"),
+    ],
+)
+def test_choose_precision(requested: str, device: str, flags: set[str], expected: str) -> None:
+    precision, reason = choose_precision(requested, torch.device(device), frozenset(flags))
+    assert precision == expected
+    assert reason  # logged at start-up, so an operator knows why
+
+
+@pytest.mark.parametrize(
+    ("size", "allowed", "expected"),
+    [
+        (1, (1, 2, 4, 8), 1),
+        (3, (1, 2, 4, 8), 4),
+        (5, (1, 2, 4, 8), 8),
+        (8, (1, 2, 4, 8), 8),
+        (3, (), 3),
+        (6, (4,), 6),
+    ],
+)
+def test_padded_size(size: int, allowed: tuple[int, ...], expected: int) -> None:
+    assert padded_size(size, allowed) == expected
+
+
+def test_warmup_sizes_cover_every_shape_the_batcher_can_produce() -> None:
+    assert warmup_sizes(8, ()) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert warmup_sizes(6, (1, 2, 4, 8)) == [1, 2, 4, 8]
+    assert warmup_sizes(3, (2, 16)) == [2, 16]
+
+
+@pytest.mark.slow
+def test_channels_last_and_padding_keep_the_answers(
+    classifier: Classifier, photos: torch.Tensor
+) -> None:
+    reference = classifier.forward(photos)
+    for fast in variant(precision="fp32", channels_last=True):
+        torch.testing.assert_close(fast.forward(photos), reference, atol=1e-4, rtol=1e-3)
+    settings = make_settings(batching={"batch_sizes": [1, 8], "max_batch_size": 8})
+    padded = load_classifier(settings.model, batching=settings.batching)
+    try:
+        # 5 photos ride in a batch of 8; the 3 zero images must not leak into the answer.
+        torch.testing.assert_close(padded.forward(photos), reference, atol=1e-4, rtol=1e-3)
+    finally:
+        padded.close()
+
+
+@pytest.mark.slow
+def test_bf16_agrees_with_fp32(classifier: Classifier, photos: torch.Tensor) -> None:
+    reference = classifier.forward(photos)
+    for bf16 in variant(precision="bf16", channels_last=True):
+        assert bf16.precision == "bf16"
+        fast = bf16.forward(photos)
+        assert fast.dtype == torch.float32
+        assert torch.equal(fast.argmax(dim=1), reference.argmax(dim=1))
+        assert (fast - reference).abs().max() < 0.05
+
+
+@pytest.mark.slow
+async def test_compiled_model_serves_padded_batches(
+    app_client: AppClient, classifier: Classifier, photos: torch.Tensor
+) -> None:
+    """torch.compile compiles each allowed shape at warm-up, then serves the same answers."""
+    settings = make_settings(
+        model={"compile": True, "precision": "fp32", "channels_last": True, "warmup": True},
+        batching={"max_batch_size": 2, "batch_sizes": [2], "max_wait_ms": 0.0},
+    )
+    compiled = load_classifier(settings.model, batching=settings.batching)
+    try:
+        assert compiled.compiled
+        client = await app_client(settings, model=compiled)  # returns after warm-up
+        reference = classifier.forward(photos[:1])
+        torch.testing.assert_close(compiled.forward(photos[:1]), reference, atol=1e-3, rtol=1e-3)
+        upload = FormData()
+        upload.add_field("file", photo_bytes(PHOTOS[0]), filename="photo.jpg")
+        response = await client.post("/predict", data=upload)
+        assert response.status == 200
+        samples = (await (await client.get("/metrics")).text()).splitlines()
+        assert "batch_padding_images_total 1" in samples
+    finally:
+        compiled.close()
