@@ -80,7 +80,9 @@ def create_app(
         provider.get_tracer("batching_server", __version__) if provider else trace.NoOpTracer()
     )
     app[PREPROCESSOR] = Preprocessor(
-        weights=settings.model.weights, max_image_pixels=settings.limits.max_image_pixels
+        weights=settings.model.weights,
+        max_image_pixels=settings.limits.max_image_pixels,
+        jpeg_draft=settings.preprocess.jpeg_draft,
     )
     app.add_routes(ROUTES)
     if provider is not None and tracer_provider is None:
@@ -104,7 +106,7 @@ def _tracing_ctx(provider: TracerProvider) -> Callable[[web.Application], AsyncI
 async def _preprocess_pool_ctx(app: web.Application) -> AsyncIterator[None]:
     # Decoding is CPU-bound and releases the GIL: one thread per core keeps every core busy.
     pool = ThreadPoolExecutor(
-        max_workers=default_thread_count(),
+        max_workers=app[SETTINGS].preprocess.threads or default_thread_count(),
         thread_name_prefix="preprocess",
         # One torch thread per worker: the pool already spreads images over the cores, and
         # more would fight the model thread for them.

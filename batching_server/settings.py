@@ -21,6 +21,7 @@ __all__ = [
     "LimitsSettings",
     "LoggingSettings",
     "ModelSettings",
+    "PreprocessSettings",
     "ServerSettings",
     "Settings",
     "SettingsError",
@@ -200,6 +201,14 @@ class LimitsSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PreprocessSettings:
+    """How uploads are decoded."""
+
+    jpeg_draft: bool = _setting(True, _boolean, "decode JPEGs at reduced scale when large")
+    threads: int = _setting(0, _integer(0, 256), "decode threads (0: one per core)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LoggingSettings:
     """Log level and format."""
 
@@ -237,6 +246,7 @@ class Settings:
     batching: BatchingSettings = field(default_factory=BatchingSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    preprocess: PreprocessSettings = field(default_factory=PreprocessSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
 

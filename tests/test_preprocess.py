@@ -13,6 +13,7 @@ from PIL import Image, ImageFile, ImageOps
 from torchvision.models import ResNet50_Weights
 
 from batching_server.errors import BadImageError, ImageTooLargeError
+from batching_server.model import Classifier
 from batching_server.preprocess import Preprocessor
 
 from .images import PHOTOS, data_path, encode, photo, photo_bytes
@@ -21,8 +22,11 @@ V1 = ResNet50_Weights.IMAGENET1K_V1.transforms()
 V2 = ResNet50_Weights.IMAGENET1K_V2.transforms()
 
 
-def preprocessor(weights: str = "random", max_image_pixels: int = 50_000_000) -> Preprocessor:
-    return Preprocessor(weights=weights, max_image_pixels=max_image_pixels)
+def preprocessor(
+    weights: str = "random", max_image_pixels: int = 50_000_000, jpeg_draft: bool = False
+) -> Preprocessor:
+    """Full decode by default: the exact path, compared bit for bit with torchvision."""
+    return Preprocessor(weights=weights, max_image_pixels=max_image_pixels, jpeg_draft=jpeg_draft)
 
 
 def pil(data: bytes) -> Image.Image:
@@ -261,3 +265,45 @@ def test_decompression_bomb_is_refused_from_its_header(
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     with pytest.raises(ImageTooLargeError, match=r"limits\.max_image_pixels"):
         preprocessor()(data)
+
+
+# --- the JPEG draft fast path ------------------------------------------------------------------
+
+
+def camera_jpeg(name: str, size: tuple[int, int]) -> bytes:
+    """A real photo at camera resolution, with sensor-like noise, as a quality-92 JPEG."""
+    image = photo(name).resize(size, Image.Resampling.BICUBIC)
+    noise = np.random.default_rng(0).normal(0, 4, (size[1], size[0], 3))
+    noisy = np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+    return encode(Image.fromarray(noisy), "JPEG", quality=92)
+
+
+@pytest.fixture(scope="module")
+def camera_photos() -> dict[str, bytes]:
+    return {name: camera_jpeg(name, (4032, 3024)) for name in PHOTOS}
+
+
+def test_draft_decodes_large_jpegs_at_reduced_scale(camera_photos: dict[str, bytes]) -> None:
+    decoded = preprocessor(jpeg_draft=True).decode(camera_photos[PHOTOS[0]])
+    assert decoded.size == (504, 378)  # 1/8 scale: the short side stays >= 232
+    assert preprocessor(jpeg_draft=False).decode(camera_photos[PHOTOS[0]]).size == (4032, 3024)
+    # PNG has no DCT to scale: untouched.
+    png = encode(photo(PHOTOS[0]).resize((1200, 900)), "PNG")
+    assert preprocessor(jpeg_draft=True).decode(png).size == (1200, 900)
+
+
+@pytest.mark.slow
+def test_draft_stays_close_to_the_reference(
+    camera_photos: dict[str, bytes], classifier: Classifier
+) -> None:
+    """Bounded deviation from the full decode, and the same top-1 on the seeded model."""
+    fast, exact = preprocessor(jpeg_draft=True), preprocessor(jpeg_draft=False)
+    small = {name: photo_bytes(name) for name in PHOTOS}  # too small to draft: exact
+    for data in [*camera_photos.values(), *small.values()]:
+        drafted, reference = fast(data), exact(data)
+        assert torch.equal(reference, V2(pil(data)))
+        deviation = (drafted - reference).abs()
+        assert deviation.mean() < 0.02
+        assert deviation.max() < 0.3
+        drafted_top = classifier.forward(drafted[None]).argmax()
+        assert drafted_top == classifier.forward(reference[None]).argmax()
