@@ -87,6 +87,7 @@ def create_app(
     app.add_routes(ROUTES)
     if provider is not None and tracer_provider is None:
         app.cleanup_ctx.append(_tracing_ctx(provider))
+    app.cleanup_ctx.append(_loop_lag_ctx)
     app.cleanup_ctx.append(_preprocess_pool_ctx)
     app.cleanup_ctx.append(_model_ctx(classifier))
     app.cleanup_ctx.append(_batcher_ctx)
@@ -101,6 +102,14 @@ def _tracing_ctx(provider: TracerProvider) -> Callable[[web.Application], AsyncI
         await asyncio.to_thread(provider.shutdown)
 
     return tracing_ctx
+
+
+async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
+    watcher = asyncio.create_task(app[METRICS].watch_loop_lag(), name="loop-lag")
+    yield
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
 
 
 async def _preprocess_pool_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -6,6 +6,7 @@ worker threads are handed back and observed here.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +23,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 INFERENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8)
 WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 PREPROCESS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -123,6 +125,12 @@ class ServiceMetrics:
             registry=r,
             buckets=PREPROCESS_BUCKETS,
         )
+        self.loop_lag = Histogram(
+            "event_loop_lag_seconds",
+            "How late the event loop woke a timer: time it spent blocked by other work.",
+            registry=r,
+            buckets=LAG_BUCKETS,
+        )
         # Series that should exist at zero before the first event, so rate() and absent()
         # work from the first scrape.
         for reason in ("full", "timeout", "drain"):
@@ -166,6 +174,14 @@ class ServiceMetrics:
         for label, confidence in predictions:
             self.predictions.inc({"model_name": self.model_name, "prediction_class": label})
             self.confidence.add({}, confidence)
+
+    async def watch_loop_lag(self, interval_s: float = 0.02) -> None:
+        """Sample the loop's lag forever: any callback that blocks it shows up here."""
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(interval_s)
+            self.loop_lag.add({}, max(0.0, loop.time() - started - interval_s))
 
     def render(self, accepts: Sequence[str]) -> tuple[bytes, dict[str, str]]:
         """The exposition body and its headers, in the format the scraper accepts."""

@@ -1,0 +1,236 @@
+"""HTTP load: real multipart JPEG uploads, closed-loop and open-loop (Poisson), over loopback.
+
+Reports throughput, latency percentiles, errors, and from the server's own /metrics the batch
+sizes it formed and how long its event loop was ever blocked.
+
+    python -m benchmarks.load --concurrency 1,4,16,64 --rates 10,30 --duration 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from benchmarks._common import (
+    RESULTS,
+    histogram_delta,
+    machine,
+    multipart,
+    percentile,
+    require_loopback,
+    sample_jpegs,
+    scrape,
+    server_process,
+    table,
+    write_json,
+)
+
+# The tuned configuration: the defaults in settings.toml plus the fast path that needs a
+# warm-up compile (see the README for the measurements behind it).
+TUNED: dict[str, dict[str, Any]] = {
+    "model": {"precision": "auto", "channels_last": True, "compile": True},
+    "batching": {"max_batch_size": 8, "max_wait_ms": 5.0, "batch_sizes": [1, 2, 4, 8]},
+}
+MAX_OPEN_LOOP_IN_FLIGHT = 2000  # an overloaded server must not make the client unbounded
+
+
+class Recorder:
+    """Latencies of successful requests and a count of every status."""
+
+    def __init__(self) -> None:
+        self.latencies_s: list[float] = []
+        self.statuses: Counter[str] = Counter()
+
+    async def send(self, session: aiohttp.ClientSession, url: str, body: tuple[bytes, str]) -> None:
+        started = time.perf_counter()
+        try:
+            async with session.post(
+                f"{url}/predict", data=body[0], headers={"Content-Type": body[1]}
+            ) as response:
+                await response.read()
+                status = str(response.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            status = type(exc).__name__
+        self.statuses[status] += 1
+        if status == "200":
+            self.latencies_s.append(time.perf_counter() - started)
+
+
+async def closed_loop(
+    session: aiohttp.ClientSession,
+    url: str,
+    bodies: Sequence[tuple[bytes, str]],
+    concurrency: int,
+    duration_s: float,
+    recorder: Recorder,
+) -> None:
+    """``concurrency`` clients, each sending its next upload as soon as the last returns."""
+    deadline = time.perf_counter() + duration_s
+
+    async def client(index: int) -> None:
+        sent = index
+        while time.perf_counter() < deadline:
+            await recorder.send(session, url, bodies[sent % len(bodies)])
+            sent += concurrency
+
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
+
+
+async def open_loop(
+    session: aiohttp.ClientSession,
+    url: str,
+    bodies: Sequence[tuple[bytes, str]],
+    rate: float,
+    duration_s: float,
+    recorder: Recorder,
+) -> None:
+    """Arrivals at ``rate`` per second with exponential gaps, whatever the server does."""
+    rng = random.Random(1234)
+    deadline = time.perf_counter() + duration_s
+    in_flight: set[asyncio.Task[None]] = set()
+    sent = 0
+    next_at = time.perf_counter()
+    while next_at < deadline:
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        if len(in_flight) < MAX_OPEN_LOOP_IN_FLIGHT:
+            task = asyncio.create_task(recorder.send(session, url, bodies[sent % len(bodies)]))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        else:
+            recorder.statuses["client_overflow"] += 1
+        sent += 1
+        next_at += rng.expovariate(rate)
+    await asyncio.gather(*in_flight)
+
+
+async def measure(
+    url: str,
+    bodies: Sequence[tuple[bytes, str]],
+    *,
+    concurrency: int | None = None,
+    rate: float | None = None,
+    duration_s: float,
+) -> dict[str, Any]:
+    """One load point; returns client-side and server-side figures."""
+    require_loopback(url)
+    recorder = Recorder()
+    timeout = aiohttp.ClientTimeout(total=120)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        before = await scrape(session, url)
+        started = time.perf_counter()
+        if concurrency is not None:
+            await closed_loop(session, url, bodies, concurrency, duration_s, recorder)
+        else:
+            assert rate is not None
+            await open_loop(session, url, bodies, rate, duration_s, recorder)
+        elapsed = time.perf_counter() - started
+        after = await scrape(session, url)
+    return summarise(recorder, elapsed, before, after, concurrency=concurrency, rate=rate)
+
+
+def summarise(
+    recorder: Recorder,
+    elapsed: float,
+    before: dict[Any, float],
+    after: dict[Any, float],
+    **point: Any,
+) -> dict[str, Any]:
+    latencies_ms = sorted(s * 1000 for s in recorder.latencies_s)
+    batches = histogram_delta(before, after, "batch_size")
+    lag = histogram_delta(before, after, "event_loop_lag_seconds")
+    images = sum(size * count for size, count in batches.items() if size != float("inf"))
+    n_batches = sum(batches.values())
+    lag_over_10ms = sum(count for bound, count in lag.items() if bound > 0.01)
+    worst_lag = max((bound for bound, count in lag.items() if count), default=0.0)
+    return {
+        **{k: v for k, v in point.items() if v is not None},
+        "seconds": round(elapsed, 2),
+        "ok": len(latencies_ms),
+        "errors": {s: n for s, n in recorder.statuses.items() if s != "200"},
+        "throughput": len(latencies_ms) / elapsed,
+        "p50_ms": percentile(latencies_ms, 50),
+        "p95_ms": percentile(latencies_ms, 95),
+        "p99_ms": percentile(latencies_ms, 99),
+        "batches": int(n_batches),
+        "mean_batch": images / n_batches if n_batches else 0.0,
+        "batch_size_counts": {
+            int(k): int(v) for k, v in batches.items() if v and k != float("inf")
+        },
+        "loop_lag_samples_over_10ms": int(lag_over_10ms),
+        "loop_lag_worst_bucket_s": worst_lag,
+    }
+
+
+COLUMNS = ("point", "throughput", "p50_ms", "p95_ms", "p99_ms", "mean_batch", "errors", "lag>10ms")
+
+
+def row(result: dict[str, Any]) -> dict[str, Any]:
+    point = f"c={result['concurrency']}" if "concurrency" in result else f"rate={result['rate']}/s"
+    errors = sum(result["errors"].values())
+    return {
+        **result,
+        "point": point,
+        "errors": errors,
+        "lag>10ms": result["loop_lag_samples_over_10ms"],
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    bodies = [multipart(jpeg) for jpeg in sample_jpegs()]
+    points: list[dict[str, Any]] = [{"concurrency": c} for c in args.concurrency]
+    points += [{"rate": r} for r in args.rates]
+    results = []
+
+    async def drive(url: str) -> None:
+        # One short untimed run first: connection set-up and first-touch costs.
+        await measure(url, bodies, concurrency=2, duration_s=2)
+        for point in points:
+            result = await measure(url, bodies, duration_s=args.duration, **point)
+            results.append(result)
+            print(table([row(result)], COLUMNS).splitlines()[-1], flush=True)
+
+    print(table([], COLUMNS))
+    if args.url:
+        await drive(args.url)
+    else:
+        async with server_process(TUNED) as url:
+            await drive(url)
+    return {"machine": machine(), "server": args.url or TUNED, "results": results}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", help="an already running server on loopback (default: start one)")
+    parser.add_argument("--concurrency", type=_ints, default=[1, 4, 16, 64])
+    parser.add_argument("--rates", type=_floats, default=[], help="open-loop arrivals per second")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per point")
+    parser.add_argument("--out", type=Path, default=RESULTS / "load.json")
+    return parser.parse_args(argv)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    payload = asyncio.run(run(args))
+    write_json(args.out, payload)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
