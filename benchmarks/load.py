@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import random
 import time
+import tomllib
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -196,15 +197,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for point in points:
             result = await measure(url, bodies, duration_s=args.duration, **point)
             results.append(result)
-            print(table([row(result)], COLUMNS).splitlines()[-1], flush=True)
+            print(f"  {row(result)['point']}: {result['throughput']:.1f} images/s", flush=True)
 
-    print(table([], COLUMNS))
     if args.url:
         await drive(args.url)
     else:
-        async with server_process(TUNED) as url:
+        async with server_process(args.settings) as url:
             await drive(url)
-    return {"machine": machine(), "server": args.url or TUNED, "results": results}
+    return {"machine": machine(), "server": args.url or args.settings, "results": results}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -213,8 +213,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=_ints, default=[1, 4, 16, 64])
     parser.add_argument("--rates", type=_floats, default=[], help="open-loop arrivals per second")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per point")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a server setting (TOML value), e.g. --set batching.max_batch_size=16",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "load.json")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.settings = with_overrides(TUNED, args.set)
+    return args
+
+
+def with_overrides(
+    base: dict[str, dict[str, Any]], assignments: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """``base`` with ``section.key=value`` assignments applied (values parsed as TOML)."""
+    settings = {section: dict(values) for section, values in base.items()}
+    for assignment in assignments:
+        key, _, raw = assignment.partition("=")
+        section, _, name = key.partition(".")
+        if not (section and name and raw):
+            raise SystemExit(f"--set expects SECTION.KEY=VALUE, got {assignment!r}")
+        settings.setdefault(section, {})[name] = tomllib.loads(f"v = {raw}")["v"]
+    return settings
 
 
 def _ints(text: str) -> list[int]:
@@ -228,6 +251,7 @@ def _floats(text: str) -> list[float]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     payload = asyncio.run(run(args))
+    print(table([row(r) for r in payload["results"]], COLUMNS))
     write_json(args.out, payload)
     return 0
 
