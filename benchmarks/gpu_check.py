@@ -1,0 +1,330 @@
+"""Check the CUDA code paths of the classifier on a GPU machine, then time them.
+
+Checks: ``precision = "auto"`` picks fp16 on CUDA with channels_last weights; the output
+matches an fp32 CPU run of the same network; batches are padded and pinned before the copy;
+two forward passes run at once with ``max_concurrent_batches = 2``. Then images/s by batch
+size. Exits 0 when every check passes, 1 when one fails, 2 when there is no GPU.
+
+    .venv/bin/python benchmarks/gpu_check.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+from torch import nn
+
+from batching_server.acceleration import padded_size
+from batching_server.batcher import BatchInfo
+from batching_server.logs import configure_logging
+from batching_server.model import Classifier, ImageInput, load_classifier
+from batching_server.settings import settings_from_mapping
+
+if not __package__:
+    # Run as a file (python benchmarks/gpu_check.py): make the benchmarks package importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.model_ceiling import fixed_batch, measure
+
+__all__ = ["CheckResult", "main"]
+
+AGREEMENT_IMAGES = 6  # not an allowed batch size, so the agreement run is padded too
+# fp16 against fp32 moves probabilities by far less than this; a wrong path moves them more.
+PROBABILITY_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """The outcome of one check, with what was seen."""
+
+    name: str
+    passed: bool
+    detail: str
+
+
+def load(
+    device: str,
+    precision: str,
+    batch_sizes: Sequence[int],
+    weights: str,
+    *,
+    channels_last: bool = True,
+    concurrent: int = 1,
+) -> Classifier:
+    """A classifier built the way the server builds it."""
+    settings = settings_from_mapping(
+        {
+            "model": {
+                "weights": weights,
+                "device": device,
+                "precision": precision,
+                "channels_last": channels_last,
+                "warmup": False,
+            },
+            "batching": {
+                "max_batch_size": max(batch_sizes),
+                "batch_sizes": sorted(batch_sizes),
+                "max_queue_size": max(64, *batch_sizes),
+                "max_concurrent_batches": concurrent,
+            },
+        }
+    )
+    return load_classifier(settings.model, batching=settings.batching)
+
+
+def check_precision(classifier: Classifier, expected: str) -> CheckResult:
+    """``auto`` chose ``expected``, and the weights sit on the device in channels_last."""
+    weight = next(m.weight for m in classifier.module.modules() if isinstance(m, nn.Conv2d))
+    problems = []
+    if classifier.precision != expected:
+        problems.append(f"precision is {classifier.precision}, expected {expected}")
+    if weight.device.type != classifier.device.type:
+        problems.append(f"weights are on {weight.device}, not {classifier.device}")
+    if not weight.is_contiguous(memory_format=torch.channels_last):
+        problems.append("conv weights are not channels_last")
+    detail = "; ".join(problems) or (
+        f"precision {classifier.precision}, weights on {weight.device} in channels_last"
+    )
+    return CheckResult("auto precision", not problems, detail)
+
+
+def _log_probabilities(probabilities: torch.Tensor) -> torch.Tensor:
+    return probabilities.clamp_min(1e-30).log()
+
+
+def check_agreement(classifier: Classifier, reference: Classifier) -> CheckResult:
+    """Same top-1 as the fp32 reference on seeded inputs, and each row is its own input's.
+
+    With random weights every input tends to get the same top-1, so the per-row match is
+    what catches rows that are mixed up or damaged by padding.
+    """
+    pixels = fixed_batch(AGREEMENT_IMAGES)
+    got = classifier.forward(pixels)
+    want = reference.forward(pixels)
+    problems = []
+    if got.shape != want.shape or got.device.type != "cpu" or got.dtype != torch.float32:
+        problems.append(f"output is {tuple(got.shape)} {got.dtype} on {got.device}")
+        return CheckResult("agreement with fp32 CPU", False, "; ".join(problems))
+    if not torch.isfinite(got).all():
+        problems.append("output has NaN or inf")
+    top1_got, top1_want = got.argmax(1).tolist(), want.argmax(1).tolist()
+    if top1_got != top1_want:
+        problems.append(f"top-1 {top1_got} differs from fp32 CPU {top1_want}")
+    # Row i of the output should be nearest to row i of the reference, not to another row.
+    nearest = torch.cdist(_log_probabilities(got), _log_probabilities(want)).argmin(1).tolist()
+    if nearest != list(range(len(nearest))):
+        problems.append(f"rows are nearest to reference rows {nearest}, not to their own")
+    worst = float((got - want).abs().max())
+    if worst > PROBABILITY_TOLERANCE:
+        problems.append(f"probabilities differ by up to {worst:.4f}")
+    detail = "; ".join(problems) or (
+        f"top-1 {top1_got} equal on {len(top1_got)} inputs, each row its own input's, "
+        f"max probability difference {worst:.4f}"
+    )
+    return CheckResult("agreement with fp32 CPU", not problems, detail)
+
+
+def check_pinned_padding(classifier: Classifier, images: int = 3) -> CheckResult:
+    """A batch is padded to an allowed size and page-locked before it is copied to the GPU."""
+    pinned: list[tuple[int, bool]] = []
+    original = torch.Tensor.pin_memory
+
+    def spy(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = original(tensor, *args, **kwargs)
+        pinned.append((tensor.shape[0], result.is_pinned()))
+        return result
+
+    pixels = fixed_batch(images)
+    with mock.patch.object(torch.Tensor, "pin_memory", spy):
+        together = classifier.forward(pixels)
+    expected = padded_size(images, classifier.batch_sizes)
+    problems = []
+    if not pinned:
+        problems.append("forward never called pin_memory")
+    elif pinned != [(expected, True)]:
+        problems.append(f"pin_memory calls (rows, pinned): {pinned}, expected [({expected}, True)]")
+    if together.shape != (images, 1000):
+        problems.append(f"output shape {tuple(together.shape)}, expected ({images}, 1000)")
+    else:
+        # Padding rows must not change the real rows: compare with one image at a time.
+        alone = torch.cat([classifier.forward(pixels[i : i + 1]) for i in range(images)])
+        worst = float((together - alone).abs().max())
+        if worst > PROBABILITY_TOLERANCE:
+            problems.append(f"padded rows differ from unpadded ones by up to {worst:.4f}")
+    detail = "; ".join(problems) or (
+        f"{images} images padded to {expected}, pinned once, rows unchanged by padding"
+    )
+    return CheckResult("padding and pinned memory", not problems, detail)
+
+
+def _inputs(pixels: torch.Tensor, tag: str) -> list[ImageInput]:
+    return [ImageInput(pixels=p, request_id=f"{tag}-{i}") for i, p in enumerate(pixels)]
+
+
+async def _predict_together(
+    classifier: Classifier, batches: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Every batch through ``predict_batch`` at once, as the batcher dispatches them."""
+    now = time.monotonic()
+    calls = [
+        classifier.predict_batch(
+            _inputs(batch, str(i)), BatchInfo(len(batch), "full", now, (0.0,) * len(batch))
+        )
+        for i, batch in enumerate(batches)
+    ]
+    return [torch.stack(rows) for rows in await asyncio.gather(*calls)]
+
+
+def _record_calls(classifier: Classifier) -> list[tuple[str, float, float]]:
+    """Wrap ``classifier.forward`` to record (thread, start, end) of every call."""
+    calls: list[tuple[str, float, float]] = []
+    forward: Callable[[torch.Tensor], torch.Tensor] = classifier.forward
+
+    def recorded(pixels: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
+        result = forward(pixels)
+        calls.append((threading.current_thread().name, started, time.perf_counter()))
+        return result
+
+    classifier.forward = recorded  # type: ignore[method-assign]
+    return calls
+
+
+def check_concurrent(classifier: Classifier, batch_size: int, rounds: int) -> CheckResult:
+    """Two batches in flight at once on two model threads, with the same results as one."""
+    batches = [fixed_batch(batch_size), fixed_batch(batch_size).flip(0)]
+    sequential = [classifier.forward(b) for b in batches]
+    calls = _record_calls(classifier)
+    try:
+        started = time.perf_counter()
+        for _ in range(rounds):
+            together = asyncio.run(_predict_together(classifier, batches))
+        together_s = time.perf_counter() - started
+    finally:
+        del classifier.forward  # back to the method
+    started = time.perf_counter()
+    for _ in range(rounds):
+        for batch in batches:
+            classifier.forward(batch)
+    sequential_s = time.perf_counter() - started
+    threads = sorted({name for name, _, _ in calls})
+    spans = sorted((start, end) for _, start, end in calls)
+    overlapped = any(b_start < a_end for (_, a_end), (b_start, _) in itertools.pairwise(spans))
+    worst = max(float((t - s).abs().max()) for t, s in zip(together, sequential, strict=True))
+    problems = []
+    if len(threads) < 2:
+        problems.append(f"forward ran on {threads} only, expected two model threads")
+    if not overlapped:
+        problems.append("no two forward passes overlapped in time")
+    if worst > PROBABILITY_TOLERANCE:
+        problems.append(f"concurrent results differ from sequential ones by up to {worst:.4f}")
+    images = 2 * rounds * batch_size
+    detail = "; ".join(problems) or (
+        f"threads {', '.join(threads)} overlapped; batch {batch_size}: "
+        f"{images / together_s:.1f} images/s two at a time, "
+        f"{images / sequential_s:.1f} images/s one at a time"
+    )
+    return CheckResult("max_concurrent_batches = 2", not problems, detail)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,8,32, got {text!r}") from None
+    if not values or values[0] < 1 or values[-1] > 256:
+        raise argparse.ArgumentTypeError(f"expected batch sizes from 1 to 256, got {text!r}")
+    return values
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument(
+        "--batch-sizes",
+        type=_int_list,
+        default=[1, 2, 4, 8, 16, 32, 64],
+        help="allowed batch shapes, and the sizes timed",
+    )
+    parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per batch size")
+    parser.add_argument(
+        "--weights",
+        default="random",
+        help="random (default), a named torchvision weight set, or a state_dict path; real "
+        "weights make the top-1 check stronger",
+    )
+    parser.add_argument("--rounds", type=int, default=10, help="pairs of concurrent batches")
+    args = parser.parse_args(argv)
+    if args.seconds <= 0 or args.rounds < 1:
+        parser.error("--seconds must be positive and --rounds at least 1")
+    return args
+
+
+def run_checks(args: argparse.Namespace, classifier: Classifier) -> list[CheckResult]:
+    """Every check, each on its own so that one failure does not hide the others."""
+    sizes = args.batch_sizes
+    # The plainest path there is: fp32, NCHW, on the CPU.
+    reference = load("cpu", "fp32", sizes, args.weights, channels_last=False)
+    try:
+        results = [
+            check_precision(classifier, "fp16"),
+            check_agreement(classifier, reference),
+            check_pinned_padding(classifier),
+            check_concurrent(classifier, min(8, sizes[-1]), args.rounds),
+        ]
+    finally:
+        reference.close()
+    for result in results:
+        print(f"{'PASS' if result.passed else 'FAIL'}  {result.name}: {result.detail}")
+    return results
+
+
+def print_throughput(classifier: Classifier, sizes: Sequence[int], seconds: float) -> None:
+    """Images/s and latency by batch size, measured like benchmarks/model_ceiling.py."""
+    torch.cuda.reset_peak_memory_stats()
+    print(f"\nthroughput on {torch.cuda.get_device_name()} (fp16-cl, one batch at a time)")
+    print(f"{'batch':>5} {'images/s':>10} {'median ms':>10} {'p90 ms':>8}")
+    for size in sizes:
+        row = measure("fp16-cl", size, seconds, classifier=classifier)
+        latency = f"{row['median_ms']:>10.2f} {row['p90_ms']:>8.2f}"
+        print(f"{size:>5} {row['images_per_s']:>10.1f} {latency}")
+    print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(level="WARNING", fmt="text", stream=sys.stderr)
+    if not torch.cuda.is_available():
+        print(
+            f"CUDA is not available: torch {torch.__version__} "
+            f"(built for CUDA {torch.version.cuda or 'none'}) sees no GPU "
+            f"(torch.cuda.device_count() = {torch.cuda.device_count()}); "
+            "run this on a GPU machine",
+            file=sys.stderr,
+        )
+        return 2
+    classifier = load("cuda", "auto", args.batch_sizes, args.weights, concurrent=2)
+    try:
+        results = run_checks(args, classifier)
+        print_throughput(classifier, args.batch_sizes, args.seconds)
+    finally:
+        classifier.close()
+    failed = [r.name for r in results if not r.passed]
+    if failed:
+        print(f"\n{len(failed)} check(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    print(f"\nall {len(results)} checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
