@@ -64,6 +64,9 @@ async def serve(settings: Settings) -> int:
         access_log=None,
         handle_signals=False,
         shutdown_timeout=settings.server.graceful_shutdown_timeout_s,
+        # A client that disconnects cancels its handler, which withdraws its queued images
+        # before they cost a forward pass (aiohttp leaves this off by default).
+        handler_cancellation=True,
     )
     await runner.setup()  # loads the model: a ModelLoadError surfaces here
     try:

@@ -1,0 +1,83 @@
+"""Preprocessing cost per image on one core, full decode against JPEG draft, and its deviation.
+
+python -m benchmarks.preprocess
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from batching_server.preprocess import Preprocessor
+from benchmarks._common import PHOTOS, RESULTS, machine, table, write_json
+
+
+def camera_jpeg(name: str, size: tuple[int, int], quality: int) -> bytes:
+    """A real photo scaled to ``size`` with sensor-like noise, so it compresses like one."""
+    from importlib import resources
+
+    path = Path(str(resources.files("skimage") / "data" / name))
+    with Image.open(path) as image:
+        scaled = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    noise = np.random.default_rng(0).normal(0, 4, (size[1], size[0], 3))
+    noisy = np.clip(np.asarray(scaled, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noisy).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def best_ms(fn: Any, data: bytes, repeats: int) -> tuple[float, float]:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn(data)
+        times.append(time.perf_counter() - started)
+    return min(times) * 1000, statistics.median(times) * 1000
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=RESULTS / "preprocess.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # one core, as in the server's decode pool
+    full = Preprocessor(weights="random", max_image_pixels=10**9, jpeg_draft=False)
+    draft = Preprocessor(weights="random", max_image_pixels=10**9, jpeg_draft=True)
+    cases = [("500x375 q90", (500, 375), 90), ("4032x3024 q85", (4032, 3024), 85)]
+    cases.append(("4032x3024 q92", (4032, 3024), 92))
+    rows = []
+    for label, size, quality in cases:
+        for name in PHOTOS[:3]:
+            data = camera_jpeg(name, size, quality)
+            _, full_median = best_ms(full, data, args.repeats)
+            draft_best, draft_median = best_ms(draft, data, args.repeats)
+            deviation = (draft(data) - full(data)).abs()
+            rows.append(
+                {
+                    "image": f"{label} {name}",
+                    "kbytes": len(data) // 1024,
+                    "full_ms": full_median,
+                    "draft_ms": draft_median,
+                    "draft_best_ms": draft_best,
+                    "speedup": full_median / draft_median,
+                    "mae": round(float(deviation.mean()), 4),
+                    "max_abs": round(float(deviation.max()), 3),
+                }
+            )
+    columns = ("image", "kbytes", "full_ms", "draft_ms", "draft_best_ms", "speedup", "mae")
+    print(table(rows, (*columns, "max_abs")))
+    write_json(args.out, {"machine": machine(), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
