@@ -29,6 +29,10 @@ lint: $(STAMP)  ## ruff, ruff format and mypy, as CI runs them
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+bench: $(STAMP)  ## the headline benchmark: seed-style against tuned, with the targets
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m benchmarks.compare
+
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .

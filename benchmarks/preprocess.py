@@ -74,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 }
             )
     columns = ("image", "kbytes", "full_ms", "draft_ms", "draft_best_ms", "speedup", "mae")
-    print(table(rows, (*columns, "max_abs")))
+    shown = [{**r, "mae": f"{r['mae']:.4f}", "max_abs": f"{r['max_abs']:.3f}"} for r in rows]
+    print(table(shown, (*columns, "max_abs")))
     write_json(args.out, {"machine": machine(), "rows": rows})
     return 0
 
