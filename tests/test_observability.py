@@ -20,6 +20,8 @@ from opentelemetry.trace import SpanKind
 
 from batching_server.logs import configure_logging
 from batching_server.model import Classifier
+from batching_server.settings import TracingSettings
+from batching_server.tracing import create_tracer_provider
 from tests.conftest import AppClient
 from tests.fakes import SpyClassifier
 from tests.images import photo_bytes
@@ -264,3 +266,32 @@ async def test_log_lines_are_json_and_correlate_with_spans(
     assert batch_line["request_ids"] == request_ids
     assert (batch_line["size"], batch_line["dispatch_reason"]) == (2, "full")
     assert batch_line["inference_ms"] > 0
+
+
+# --- tracing settings and the standard OTEL_* variables --------------------------------------
+
+
+def test_otel_environment_variables_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "from-env")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    provider = create_tracer_provider(TracingSettings(service_name="from-settings"))
+    assert provider is not None
+    try:
+        assert provider.resource.attributes["service.name"] == "from-env"
+        span = provider.get_tracer("t").start_span("s")
+        assert not span.is_recording()  # always_off, not our sample_ratio of 1.0
+    finally:
+        provider.shutdown()
+
+
+def test_tracing_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    assert create_tracer_provider(TracingSettings(enabled=False)) is None
+    provider = create_tracer_provider(TracingSettings(service_name="svc", sample_ratio=0.0))
+    assert provider is not None
+    try:
+        assert provider.resource.attributes["service.name"] == "svc"
+        assert not provider.get_tracer("t").start_span("s").is_recording()
+    finally:
+        provider.shutdown()
