@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -10,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from batching_server.app import create_app
-from batching_server.appkeys import READINESS
+from batching_server.appkeys import BATCHER, READINESS
 from batching_server.model import Classifier, load_classifier
 from batching_server.settings import Settings, settings_from_mapping
 
@@ -65,3 +66,27 @@ def app_client(aiohttp_client: Any, classifier: Classifier) -> AppClient:
         return client
 
     return start
+
+
+async def saturate(app_client: AppClient, real: Classifier, jpeg_form: Any) -> Any:
+    """A server whose model is held (gate closed) by one request and whose one queue slot
+    is taken by a second; returns the client, the gated model and both pending requests."""
+    from tests.fakes import SpyClassifier
+
+    spy = SpyClassifier(real)
+    spy.gate.clear()
+    client = await app_client(
+        model=spy,
+        batching={"max_batch_size": 1, "max_queue_size": 1, "max_wait_ms": 0.0},
+        limits={"max_files_per_request": 1},
+    )
+    running = asyncio.create_task(client.post("/predict", data=jpeg_form()))
+    await spy.started.wait()  # the first request holds the model
+    queued = asyncio.create_task(client.post("/predict", data=jpeg_form()))
+    batcher = client.app[BATCHER]
+    for _ in range(500):  # wait (bounded) until the second request fills the queue slot
+        if batcher.queue_size:
+            break
+        await asyncio.sleep(0.01)
+    assert batcher.queue_size == 1
+    return client, spy, [running, queued]

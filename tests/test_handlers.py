@@ -13,10 +13,10 @@ import pytest
 from aiohttp import FormData
 
 from batching_server.app import create_app
-from batching_server.appkeys import BATCHER, READINESS
+from batching_server.appkeys import READINESS
 from batching_server.model import Classifier
 from batching_server.preprocess import Preprocessor
-from tests.conftest import AppClient, make_settings
+from tests.conftest import AppClient, make_settings, saturate
 from tests.fakes import SpyClassifier
 from tests.images import PHOTOS, photo, photo_bytes
 
@@ -240,25 +240,10 @@ async def test_chunked_body_over_the_limit_is_413(app_client: AppClient) -> None
 
 
 async def test_queue_full_is_503(app_client: AppClient, classifier: Classifier) -> None:
-    spy = SpyClassifier(classifier)
-    spy.gate.clear()
-    client = await app_client(
-        model=spy,
-        batching={"max_batch_size": 1, "max_queue_size": 1, "max_wait_ms": 0.0},
-        limits={"max_files_per_request": 1},
-    )
-    running = asyncio.create_task(client.post("/predict", data=form(JPEG)))
-    await spy.started.wait()  # the first request holds the model
-    queued = asyncio.create_task(client.post("/predict", data=form(JPEG)))
-    batcher = client.app[BATCHER]
-    for _ in range(500):  # wait (bounded) until the second request fills the one queue slot
-        if batcher.queue_size:
-            break
-        await asyncio.sleep(0.01)
-    assert batcher.queue_size == 1
+    client, spy, pending = await saturate(app_client, classifier, lambda: form(JPEG))
     await assert_error(await client.post("/predict", data=form(JPEG)), 503, "queue_full")
     spy.gate.set()
-    assert [(await r).status for r in (running, queued)] == [200, 200]
+    assert [(await r).status for r in pending] == [200, 200]
 
 
 async def test_deadline_is_504(app_client: AppClient, classifier: Classifier) -> None:

@@ -22,7 +22,7 @@ from batching_server.logs import configure_logging
 from batching_server.model import Classifier
 from batching_server.settings import TracingSettings
 from batching_server.tracing import create_tracer_provider
-from tests.conftest import AppClient
+from tests.conftest import AppClient, saturate
 from tests.fakes import SpyClassifier
 from tests.images import photo_bytes
 
@@ -126,23 +126,11 @@ async def test_golden_signals_and_batch_metrics(
 
 
 async def test_drops_are_counted_by_reason(app_client: AppClient, classifier: Classifier) -> None:
-    spy = SpyClassifier(classifier)
-    spy.gate.clear()
-    client = await app_client(
-        model=spy,
-        batching={"max_batch_size": 1, "max_queue_size": 1, "max_wait_ms": 0.0},
-        limits={"max_files_per_request": 1},
-    )
-    running = asyncio.create_task(client.post("/predict", data=form(JPEG)))
-    await spy.started.wait()
-    queued = asyncio.create_task(client.post("/predict", data=form(JPEG)))
-    for _ in range(500):  # bounded wait until the second request holds the queue slot
-        if value(await scrape(client), "inference_queue_size") == 1:
-            break
-        await asyncio.sleep(0.01)
+    client, spy, pending = await saturate(app_client, classifier, lambda: form(JPEG))
+    assert value(await scrape(client), "inference_queue_size") == 1
     assert (await client.post("/predict", data=form(JPEG))).status == 503
     spy.gate.set()
-    assert [(await r).status for r in (running, queued)] == [200, 200]
+    assert [(await r).status for r in pending] == [200, 200]
     samples = await scrape(client)
     assert value(samples, "batch_dropped_total", reason="rejected") == 1
     assert value(samples, "batch_dropped_total", reason="expired") == 0
