@@ -31,6 +31,7 @@ from .appkeys import (
     SETTINGS,
     TRACER,
 )
+from .auth import bearer_auth_middleware
 from .batcher import Batcher
 from .handlers import ROUTES
 from .metrics import ServiceMetrics
@@ -63,6 +64,8 @@ def create_app(
         # Outermost, so the request log line and error handling run inside the server span.
         middlewares.append(server_span_middleware(provider, settings.tracing.excluded_paths))
     middlewares.append(request_context_middleware)
+    if settings.auth.api_keys:
+        middlewares.append(bearer_auth_middleware(settings.auth.api_keys, ["/predict"]))
     app = web.Application(
         middlewares=middlewares,
         # uploads.py streams and counts multipart bodies itself; this cap guards only

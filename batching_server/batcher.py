@@ -6,6 +6,7 @@ It is plain asyncio and knows nothing of HTTP; ``app.py`` wires it into aiohttp.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -172,6 +173,8 @@ class Batcher(Generic[T, R]):
         self._running: set[asyncio.Task[None]] = set()
         self._dispatcher: asyncio.Task[None] | None = None
         self._closed = False
+        # Measured seconds of forward pass per image (moving average), for Retry-After.
+        self._seconds_per_item = 0.0
 
     @property
     def queue_size(self) -> int:
@@ -182,6 +185,11 @@ class Batcher(Generic[T, R]):
     def running_batches(self) -> int:
         """Batches whose forward pass is in flight."""
         return len(self._running)
+
+    def estimated_wait_s(self) -> float:
+        """Seconds until the images queued now are served, at the measured service rate."""
+        in_flight = len(self._queue) + self.running_batches * self.max_batch_size
+        return in_flight * self._seconds_per_item
 
     @property
     def closed(self) -> bool:
@@ -212,9 +220,11 @@ class Batcher(Generic[T, R]):
             raise InferenceError("the batcher stopped unexpectedly")
         if len(self._queue) + len(items) > self.max_queue_size:
             self._observer.on_drop("rejected", len(items))
+            retry_after = self.estimated_wait_s()
             raise QueueFullError(
                 f"the inference queue is full ({len(self._queue)} of {self.max_queue_size} "
-                "images waiting); retry later"
+                f"images waiting); retry in about {max(1, math.ceil(retry_after))} s",
+                retry_after_s=retry_after,
             )
         loop = asyncio.get_running_loop()
         now = self._clock()
@@ -372,6 +382,9 @@ class Batcher(Generic[T, R]):
                 public.__cause__ = exc
                 _fail(p.future, public)
         else:
+            per_item = (self._clock() - started) / len(live)
+            previous = self._seconds_per_item
+            self._seconds_per_item = per_item if previous == 0 else 0.8 * previous + 0.2 * per_item
             for p, result in zip(live, results, strict=True):
                 _resolve(p.future, result)
         finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 __all__ = [
     "BadImageError",
     "BadRequestError",
@@ -14,6 +16,7 @@ __all__ = [
     "PayloadTooLargeError",
     "QueueFullError",
     "ServiceError",
+    "UnauthorizedError",
     "UnsupportedMediaTypeError",
 ]
 
@@ -24,9 +27,10 @@ class ServiceError(Exception):
     status: int = 500
     error_type: str = "internal_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = headers or {}
 
 
 class BadRequestError(ServiceError):
@@ -56,6 +60,16 @@ class ImageTooLargeError(ServiceError):
     error_type = "image_too_large"
 
 
+class UnauthorizedError(ServiceError):
+    """``/predict`` requires a bearer token (``auth.api_keys``) and none valid was sent."""
+
+    status = 401
+    error_type = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="batching_server"'})
+
+
 class UnsupportedMediaTypeError(ServiceError):
     """The request body is not multipart/form-data."""
 
@@ -68,6 +82,11 @@ class QueueFullError(ServiceError):
 
     status = 503
     error_type = "queue_full"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        # Whole seconds, at least 1, as RFC 9110 defines Retry-After.
+        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
+        self.retry_after_s = retry_after_s
 
 
 class NotReadyError(ServiceError):

@@ -32,6 +32,25 @@ from .uploads import Upload, read_uploads
 __all__ = ["ROUTES", "health", "index", "metrics", "predict", "ready"]
 
 
+DEADLINE_HEADER = "X-Request-Timeout"
+
+
+def _timeout_s(request: web.Request, configured: float) -> float:
+    """The request's deadline: the client's ``X-Request-Timeout`` when shorter."""
+    raw = request.headers.get(DEADLINE_HEADER)
+    if raw is None:
+        return configured
+    try:
+        asked = float(raw)
+    except ValueError:
+        asked = float("nan")
+    if not 0 < asked < float("inf"):
+        raise BadRequestError(
+            f"{DEADLINE_HEADER} must be a positive number of seconds, got {raw!r}"
+        )
+    return min(asked, configured)
+
+
 def _top_k(request: web.Request, num_classes: int) -> int | None:
     raw = request.query.get("top_k")
     if raw is None:
@@ -122,14 +141,14 @@ async def predict(request: web.Request) -> web.Response:
         raise NotReadyError(f"the server is not ready: {readiness.reason}")
     settings, classifier = app[SETTINGS], app[CLASSIFIER]
     top_k = _top_k(request, len(classifier.labels))
+    timeout_s = _timeout_s(request, settings.batching.request_timeout_s)
     request_id = request[REQUEST_ID]
 
     tensors = await _read_and_preprocess(request)
-    remaining = settings.batching.request_timeout_s - (time.monotonic() - started)
+    remaining = timeout_s - (time.monotonic() - started)
     if remaining <= 0:
         raise DeadlineExceededError(
-            f"the request deadline of {settings.batching.request_timeout_s} s passed "
-            "before inference"
+            f"the request deadline of {timeout_s} s passed before inference"
         )
     request_span = trace.get_current_span().get_span_context()
     inputs = [

@@ -69,7 +69,11 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
     except ServiceError as exc:
         error_type = exc.error_type
         response = error_response(
-            status=exc.status, error_type=exc.error_type, message=exc.message, request_id=request_id
+            status=exc.status,
+            error_type=exc.error_type,
+            message=exc.message,
+            request_id=request_id,
+            headers=exc.headers,
         )
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -17,6 +17,7 @@ from dynaconf import Dynaconf
 
 __all__ = [
     "ENV_PREFIX",
+    "AuthSettings",
     "BatchingSettings",
     "LimitsSettings",
     "LoggingSettings",
@@ -129,6 +130,14 @@ def _batch_sizes(value: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _api_keys(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(k, str) and len(k) >= 16 and k.isprintable() and " " not in k for k in value
+    ):
+        raise ValueError("a list of API keys, each at least 16 printable characters, no spaces")
+    return tuple(value)
+
+
 def _ratio(value: Any) -> float:
     return float(_number(0.0, 1.0)(value))
 
@@ -209,6 +218,17 @@ class PreprocessSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AuthSettings:
+    """Who may call ``/predict``."""
+
+    api_keys: tuple[str, ...] = _setting((), _api_keys, "bearer tokens; empty: no auth")
+
+    def __repr__(self) -> str:
+        # Keys must never reach a log line or a traceback.
+        return f"AuthSettings(api_keys=<{len(self.api_keys)} keys>)"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LoggingSettings:
     """Log level and format."""
 
@@ -247,6 +267,7 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     preprocess: PreprocessSettings = field(default_factory=PreprocessSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
 

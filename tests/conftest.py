@@ -46,8 +46,9 @@ def classifier() -> Iterator[Classifier]:
 
 
 @pytest.fixture
-def app_client(aiohttp_client: Any, classifier: Classifier) -> AppClient:
+def app_client(aiohttp_client: Any, classifier: Classifier) -> Iterator[AppClient]:
     """Start the real app with the shared model and return a client once it is ready."""
+    models: list[Any] = []
 
     async def start(
         settings: Settings | None = None,
@@ -56,6 +57,7 @@ def app_client(aiohttp_client: Any, classifier: Classifier) -> AppClient:
         tracer_provider: Any = None,
         **sections: dict[str, Any],
     ) -> Any:
+        models.append(model)
         app = create_app(
             settings or make_settings(**sections),
             classifier=model or classifier,
@@ -65,7 +67,12 @@ def app_client(aiohttp_client: Any, classifier: Classifier) -> AppClient:
         await app[READINESS].wait_ready()
         return client
 
-    return start
+    yield start
+    # A test that failed while a gated fake held the model must not hang the app's shutdown.
+    for model in models:
+        gate = getattr(model, "gate", None)
+        if gate is not None:
+            gate.set()
 
 
 async def saturate(app_client: AppClient, real: Classifier, jpeg_form: Any) -> Any:

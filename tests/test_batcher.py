@@ -362,3 +362,27 @@ def test_constructor_rejects_nonsense(option: str, value: float) -> None:
     options[option] = value
     with pytest.raises(ValueError, match=option):
         Batcher[int, int](RecordingModel(), **options)
+
+
+async def test_queue_full_carries_a_retry_after_from_the_measured_rate() -> None:
+    clock = FakeClock()
+    model = GatedModel()
+    batcher = make(model, max_batch_size=2, max_queue_size=2, clock=clock)
+    first = spawn(batcher, 1, 2)
+    await model.started.wait()
+    clock.now = 0.5  # the first batch of 2 took 0.5 s: 0.25 s per image
+    model.gate.set()
+    await asyncio.gather(*first)
+    model.gate.clear()
+    running = spawn(batcher, 3, 4)
+    await settle()
+    queued = spawn(batcher, 5, 6)
+    await settle()
+    with pytest.raises(QueueFullError) as caught:
+        await batcher.submit(7)
+    # 2 queued + 2 in the running batch, at 0.25 s each.
+    assert caught.value.retry_after_s == pytest.approx(1.0)
+    assert caught.value.headers == {"Retry-After": "1"}
+    model.gate.set()
+    await asyncio.gather(*running, *queued)
+    await batcher.close()

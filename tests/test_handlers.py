@@ -344,3 +344,46 @@ async def test_concurrent_uploads_form_batches_and_get_their_own_answers(
     assert sum(spy.batch_sizes) == 24
     assert max(spy.batch_sizes) > 1
     assert len(spy.batch_sizes) < 24
+
+
+async def test_queue_full_says_when_to_retry(app_client: AppClient, classifier: Classifier) -> None:
+    client, spy, pending = await saturate(app_client, classifier, lambda: form(JPEG))
+    response = await client.post("/predict", data=form(JPEG))
+    await assert_error(response, 503, "queue_full")
+    assert int(response.headers["Retry-After"]) >= 1
+    spy.gate.set()
+    await asyncio.gather(*pending)
+
+
+@pytest.mark.parametrize("header", ["abc", "0", "-1", "inf", "nan"])
+async def test_bad_deadline_header_is_400(app_client: AppClient, header: str) -> None:
+    client = await app_client()
+    response = await client.post("/predict", data=form(JPEG), headers={"X-Request-Timeout": header})
+    body = await assert_error(response, 400, "bad_request")
+    assert "X-Request-Timeout" in body["error"]["message"]
+
+
+async def test_client_deadline_header_shortens_the_deadline(
+    app_client: AppClient, classifier: Classifier
+) -> None:
+    spy = SpyClassifier(classifier)
+    spy.gate.clear()
+    client = await app_client(model=spy)  # request_timeout_s stays 30 s
+    response = await client.post("/predict", data=form(JPEG), headers={"X-Request-Timeout": "0.3"})
+    await assert_error(response, 504, "deadline_exceeded")
+    spy.gate.set()
+
+
+async def test_bearer_auth_guards_predict_only(app_client: AppClient) -> None:
+    key = "k" * 20
+    client = await app_client(auth={"api_keys": ["another-key-of-16+", key]})
+    for headers in ({}, {"Authorization": "Bearer wrong-key-xxxxxxxxxx"}, {"Authorization": key}):
+        response = await client.post("/predict", data=form(JPEG), headers=headers)
+        await assert_error(response, 401, "unauthorized")
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    good = await client.post(
+        "/predict", data=form(JPEG), headers={"Authorization": f"Bearer {key}"}
+    )
+    assert good.status == 200
+    assert (await client.get("/health")).status == 200
+    assert (await client.get("/metrics")).status == 200
