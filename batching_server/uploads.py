@@ -5,13 +5,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, http_exceptions, web
 
 from .errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 
 __all__ = ["FIELD_NAME", "Upload", "read_uploads"]
 
 FIELD_NAME = "file"
+# What aiohttp's multipart reader raises for a body that breaks the format (found by fuzzing:
+# a mangled part header raises InvalidHeader, an HttpProcessingError).
+_MALFORMED = (ValueError, KeyError, AssertionError, http_exceptions.HttpProcessingError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,16 +49,16 @@ async def read_uploads(
         raise _too_large(max_upload_bytes)
     try:
         reader = await request.multipart()
-    except (ValueError, KeyError, AssertionError) as exc:
-        raise BadRequestError(f"malformed multipart body: {exc}") from None
+    except _MALFORMED as exc:
+        raise BadRequestError(f"malformed multipart body: {type(exc).__name__}") from None
     received = 0
     count = 0
     other_fields: list[str] = []
     while True:
         try:
             part = await reader.next()
-        except (ValueError, KeyError, AssertionError) as exc:
-            raise BadRequestError(f"malformed multipart body: {exc}") from None
+        except _MALFORMED as exc:
+            raise BadRequestError(f"malformed multipart body: {type(exc).__name__}") from None
         if part is None:
             break
         if not isinstance(part, BodyPartReader):
@@ -71,12 +74,15 @@ async def read_uploads(
         elif part.name is not None and len(other_fields) < 8:
             other_fields.append(part.name)
         chunks = bytearray()
-        while chunk := await part.read_chunk():
-            received += len(chunk)
-            if received > max_upload_bytes:
-                raise _too_large(max_upload_bytes)
-            if is_file:
-                chunks += chunk
+        try:
+            while chunk := await part.read_chunk():
+                received += len(chunk)
+                if received > max_upload_bytes:
+                    raise _too_large(max_upload_bytes)
+                if is_file:
+                    chunks += chunk
+        except _MALFORMED as exc:
+            raise BadRequestError(f"malformed multipart body: {type(exc).__name__}") from None
         if is_file:
             yield Upload(index=count - 1, filename=part.filename, data=bytes(chunks))
     if count == 0:
