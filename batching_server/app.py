@@ -30,6 +30,7 @@ from .appkeys import (
     READINESS,
     SETTINGS,
     TRACER,
+    UPLOAD_SLOTS,
 )
 from .auth import bearer_auth_middleware
 from .batcher import Batcher
@@ -74,6 +75,9 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[READINESS] = Readiness()
+    # Bodies are read and decoded only this many requests at a time; the others wait unread
+    # (TCP holds them back), so memory stays under this x limits.max_upload_bytes.
+    app[UPLOAD_SLOTS] = asyncio.Semaphore(settings.limits.max_concurrent_uploads)
     app[METRICS] = ServiceMetrics(
         model_name=MODEL_NAME,
         max_batch_size=settings.batching.max_batch_size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -26,6 +27,7 @@ __all__ = [
     "REQUEST_ID",
     "SETTINGS",
     "TRACER",
+    "UPLOAD_SLOTS",
 ]
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -37,6 +39,7 @@ BATCHER = web.AppKey("batcher", Batcher[ImageInput, torch.Tensor])
 
 METRICS = web.AppKey("metrics", ServiceMetrics)
 TRACER = web.AppKey("tracer", trace.Tracer)
+UPLOAD_SLOTS = web.AppKey("upload_slots", asyncio.Semaphore)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 IMAGE_COUNT = web.RequestKey("image_count", int)

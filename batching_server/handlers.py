@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
@@ -22,6 +24,7 @@ from .appkeys import (
     REQUEST_ID,
     SETTINGS,
     TRACER,
+    UPLOAD_SLOTS,
 )
 from .errors import BadRequestError, DeadlineExceededError, NotReadyError, ServiceError
 from .model import ImageInput
@@ -122,6 +125,24 @@ async def _read_and_preprocess(request: web.Request) -> list[torch.Tensor]:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@contextlib.asynccontextmanager
+async def _upload_slot(request: web.Request, timeout_s: float) -> AsyncIterator[None]:
+    """Hold one of ``limits.max_concurrent_uploads`` while reading and decoding."""
+    slots = request.app[UPLOAD_SLOTS]
+    try:
+        async with asyncio.timeout(timeout_s):
+            await slots.acquire()
+    except TimeoutError:
+        raise DeadlineExceededError(
+            f"the request deadline of {timeout_s} s passed while waiting for an upload slot "
+            "(limits.max_concurrent_uploads)"
+        ) from None
+    try:
+        yield
+    finally:
+        slots.release()
+
+
 def _result(labels_top: list[tuple[str, float]], top_k: int | None) -> dict[str, Any]:
     label, confidence = labels_top[0]
     result: dict[str, Any] = {"prediction": label, "confidence": confidence}
@@ -144,7 +165,8 @@ async def predict(request: web.Request) -> web.Response:
     timeout_s = _timeout_s(request, settings.batching.request_timeout_s)
     request_id = request[REQUEST_ID]
 
-    tensors = await _read_and_preprocess(request)
+    async with _upload_slot(request, timeout_s):
+        tensors = await _read_and_preprocess(request)
     remaining = timeout_s - (time.monotonic() - started)
     if remaining <= 0:
         raise DeadlineExceededError(

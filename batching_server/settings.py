@@ -207,6 +207,9 @@ class LimitsSettings:
         50_000_000, _integer(1, 1_000_000_000), "width x height at most, checked before decoding"
     )
     max_files_per_request: int = _setting(16, _integer(1, 1024), "file parts in one request")
+    max_concurrent_uploads: int = _setting(
+        16, _integer(1, 10_000), "requests reading or decoding their upload at once"
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -387,3 +387,41 @@ async def test_bearer_auth_guards_predict_only(app_client: AppClient) -> None:
     assert good.status == 200
     assert (await client.get("/health")).status == 200
     assert (await client.get("/metrics")).status == 200
+
+
+async def test_uploads_are_read_a_bounded_number_at_a_time(app_client: AppClient) -> None:
+    client = await app_client(limits={"max_concurrent_uploads": 1})
+    first_half_sent, finish = asyncio.Event(), asyncio.Event()
+    body = form(JPEG)()
+    buffer = io.BytesIO()
+
+    class Sink:
+        async def write(self, chunk: bytes) -> None:
+            buffer.write(chunk)
+
+    await body.write(Sink())
+    raw = buffer.getvalue()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield raw[: len(raw) // 2]
+        first_half_sent.set()
+        await finish.wait()
+        yield raw[len(raw) // 2 :]
+
+    slow = asyncio.create_task(
+        client.post("/predict", data=slow_body(), headers={"Content-Type": body.content_type})
+    )
+    await first_half_sent.wait()
+    fast = asyncio.create_task(client.post("/predict", data=form(JPEG)))
+    try:
+        for _ in range(20):  # give the second request every chance to start decoding
+            await asyncio.sleep(0.01)
+        metrics = await (await client.get("/metrics")).text()
+        # Nothing decoded yet: the histogram has no series until its first observation.
+        assert "image_preprocess_duration_seconds_count" not in metrics
+        assert "http_requests_in_flight 3" in metrics.splitlines()  # both, and this scrape
+        assert not fast.done()
+    finally:
+        finish.set()
+        statuses = [(await r).status for r in (slow, fast)]
+    assert statuses == [200, 200]
