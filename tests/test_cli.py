@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -289,3 +290,57 @@ def test_serve_predict_and_stop_on_sigterm(tmp_path: Path) -> None:
     assert completed["event"] == "request_completed"
     assert completed["request_id"] == "cli-test-1"
     assert completed["status"] == 200
+
+
+def in_flight(base: str) -> float:
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("http_requests_in_flight "):
+                return float(line.split()[1])
+    raise AssertionError("http_requests_in_flight is missing from /metrics")
+
+
+def post_photo(base: str, body: bytes, content_type: str) -> int:
+    request = urllib.request.Request(
+        f"{base}/predict", data=body, headers={"Content-Type": content_type}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+        return int(response.status)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_burst_answers_every_accepted_request(tmp_path: Path) -> None:
+    burst = 12
+    server = ServerProcess(
+        tmp_path,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        MODEL__WEIGHTS="random",
+        MODEL__WARMUP="false",
+        BATCHING__MAX_BATCH_SIZE="4",
+        BATCHING__MAX_WAIT_MS="200",
+    )
+    try:
+        listening, lines = server.wait_for("listening")
+        base = f"http://127.0.0.1:{listening['port']}"
+        wait_until_ready(base)
+        body, content_type = multipart(photo_bytes("chelsea.png"))
+        with ThreadPoolExecutor(burst) as pool:
+            futures = [pool.submit(post_photo, base, body, content_type) for _ in range(burst)]
+            deadline = time.monotonic() + TIMEOUT_S
+            while in_flight(base) < burst + 1 and time.monotonic() < deadline:
+                time.sleep(0.02)  # polling until the whole burst is inside the server
+            assert in_flight(base) >= burst + 1  # the burst, plus this scrape
+            server.process.send_signal(signal.SIGTERM)
+            statuses = [future.result(timeout=TIMEOUT_S) for future in futures]
+        assert statuses == [200] * burst  # accepted before SIGTERM: all answered
+        assert server.process.wait(timeout=40) == 0  # within the 30 s drain, plus start-up
+        lines += server.rest()
+    finally:
+        server.close()
+    names = [event["event"] for event in json_lines("".join(lines))]
+    assert names.count("request_completed") >= burst
+    assert names[-1] == "stopped"
+    assert "shutting_down" in names
