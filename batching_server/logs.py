@@ -65,5 +65,8 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level)
+    # Library warnings (a client's malformed header, say) become log lines too, not stray
+    # stderr text.
+    logging.captureWarnings(True)
     # Our middleware writes one line per request with more fields than aiohttp's access log.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

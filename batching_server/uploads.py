@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import BodyPartReader, http_exceptions, web
+from aiohttp.multipart import BadContentDispositionHeader
 
 from .errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 
@@ -13,8 +14,15 @@ __all__ = ["FIELD_NAME", "Upload", "read_uploads"]
 
 FIELD_NAME = "file"
 # What aiohttp's multipart reader raises for a body that breaks the format (found by fuzzing:
-# a mangled part header raises InvalidHeader, an HttpProcessingError).
-_MALFORMED = (ValueError, KeyError, AssertionError, http_exceptions.HttpProcessingError)
+# a mangled part header raises InvalidHeader, an HttpProcessingError). A bad
+# Content-Disposition is only a warning, unless warnings are errors (as in the tests).
+_MALFORMED = (
+    ValueError,
+    KeyError,
+    AssertionError,
+    http_exceptions.HttpProcessingError,
+    BadContentDispositionHeader,
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -158,6 +158,19 @@ async def test_a_bad_part_among_several_is_named(app_client: AppClient) -> None:
     await assert_still_serves(client)
 
 
+async def test_malformed_content_disposition_is_400(app_client: AppClient) -> None:
+    # Found by the fuzz test: aiohttp warns about this header, and a warning is no answer.
+    client = await app_client()
+    body = (
+        b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename-x\r\n\r\n'
+        + JPEG
+        + b"\r\n--b0undary--\r\n"
+    )
+    headers = {"Content-Type": "multipart/form-data; boundary=b0undary"}
+    response = await client.post("/predict", data=body, headers=headers)
+    await assert_error(response, 400, "bad_request")
+
+
 async def test_wrongly_named_field_is_400(app_client: AppClient) -> None:
     client = await app_client()
     body = await assert_error(
