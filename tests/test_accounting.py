@@ -19,6 +19,7 @@ from batching_server.model import Classifier
 from tests.conftest import AppClient
 from tests.fakes import SpyClassifier
 from tests.images import encode, photo, photo_bytes
+from tests.metrics_text import scrape
 
 JPEG = photo_bytes("chelsea.png")
 BIG = encode(photo("astronaut.png"), "JPEG")  # 512x512: over the pixel limit set below
@@ -28,18 +29,6 @@ def form(content: bytes) -> FormData:
     data = FormData()
     data.add_field("file", content, filename="x.jpg", content_type="image/jpeg")
     return data
-
-
-async def counters(client: Any) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    text = await (await client.get("/metrics")).text()
-    samples = {}
-    for line in text.splitlines():
-        if line.startswith(("http_requests_total{", "batch_dropped_total{")):
-            name, _, rest = line.partition("{")
-            labels, _, value = rest.rpartition("} ")
-            pairs = frozenset(tuple(p.split("=", 1)) for p in labels.split(","))
-            samples[(name, frozenset((k, v.strip('"')) for k, v in pairs))] = float(value)
-    return samples
 
 
 @pytest.mark.slow
@@ -105,7 +94,7 @@ async def test_every_request_is_answered_once_and_counted(
     assert tally == {"2xx": 6, "4xx": 7, "5xx": 4}  # 17 requests, 17 outcomes
 
     for _ in range(200):  # bounded: until the server has seen every disconnect
-        samples = await counters(client)
+        samples = await scrape(client)
         server = Counter(
             {
                 dict(labels)["status"]: value

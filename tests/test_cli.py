@@ -238,18 +238,16 @@ def wait_until_ready(base: str) -> dict[str, Any]:
     return body
 
 
+def serve_random(tmp_path: Path, **variables: str) -> ServerProcess:
+    """A real server on a free loopback port, with random weights."""
+    return ServerProcess(
+        tmp_path, "--host", "127.0.0.1", "--port", "0", MODEL__WEIGHTS="random", **variables
+    )
+
+
 @pytest.mark.slow
 def test_serve_predict_and_stop_on_sigterm(tmp_path: Path) -> None:
-    server = ServerProcess(
-        tmp_path,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        MODEL__WEIGHTS="random",
-        MODEL__WARMUP="true",
-        BATCHING__MAX_BATCH_SIZE="2",
-    )
+    server = serve_random(tmp_path, MODEL__WARMUP="true", BATCHING__MAX_BATCH_SIZE="2")
     try:
         listening, lines = server.wait_for("listening")
         assert listening["host"] == "127.0.0.1"
@@ -311,16 +309,8 @@ def post_photo(base: str, body: bytes, content_type: str) -> int:
 @pytest.mark.slow
 def test_sigterm_mid_burst_answers_every_accepted_request(tmp_path: Path) -> None:
     burst = 12
-    server = ServerProcess(
-        tmp_path,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        MODEL__WEIGHTS="random",
-        MODEL__WARMUP="false",
-        BATCHING__MAX_BATCH_SIZE="4",
-        BATCHING__MAX_WAIT_MS="200",
+    server = serve_random(
+        tmp_path, MODEL__WARMUP="false", BATCHING__MAX_BATCH_SIZE="4", BATCHING__MAX_WAIT_MS="200"
     )
     try:
         listening, lines = server.wait_for("listening")

@@ -6,7 +6,6 @@ import asyncio
 import io
 import json
 import logging
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,10 +24,9 @@ from batching_server.tracing import create_tracer_provider
 from tests.conftest import AppClient, saturate
 from tests.fakes import SpyClassifier
 from tests.images import photo_bytes
+from tests.metrics_text import scrape, value
 
 JPEG = photo_bytes("chelsea.png")
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$")
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
 def form(*files: bytes) -> FormData:
@@ -36,28 +34,6 @@ def form(*files: bytes) -> FormData:
     for content in files:
         data.add_field("file", content, filename="x.jpg", content_type="image/jpeg")
     return data
-
-
-def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Samples of a text exposition, keyed by name and label set."""
-    samples = {}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match:
-            labels = frozenset(_LABEL.findall(match.group(3) or ""))
-            samples[(match.group(1), labels)] = float(match.group(4))
-    return samples
-
-
-def value(samples: dict[Any, float], name: str, **labels: str) -> float:
-    return samples[(name, frozenset(labels.items()))]
-
-
-async def scrape(client: Any) -> dict[Any, float]:
-    response = await client.get("/metrics")
-    assert response.status == 200
-    assert response.content_type == "text/plain"
-    return parse_metrics(await response.text())
 
 
 @pytest.fixture
