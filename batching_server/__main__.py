@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -13,10 +14,11 @@ import structlog
 from aiohttp import web
 
 from . import __version__
-from .app import create_app
+from .app import create_app, create_metrics_app
 from .appkeys import READINESS
 from .errors import ModelLoadError
 from .logs import configure_logging
+from .readiness import ExitCode
 from .settings import Settings, SettingsError, load_settings
 
 __all__ = ["main", "serve"]
@@ -69,12 +71,20 @@ async def serve(settings: Settings) -> int:
         handler_cancellation=True,
     )
     await runner.setup()  # loads the model: a ModelLoadError surfaces here
+    # The metrics port, if any, is cleaned up last, so the drain stays observable.
+    metrics_runner: web.AppRunner | None = None
     try:
         site = web.TCPSite(runner, settings.server.host, settings.server.port)
         await site.start()
         for address in runner.addresses:
             host, port = address[0], address[1]
             log.info("listening", url=f"http://{host}:{port}", host=host, port=port)
+        if settings.metrics.port:
+            metrics_runner = web.AppRunner(create_metrics_app(app), access_log=None)
+            await metrics_runner.setup()
+            metrics_host = settings.metrics.host or settings.server.host
+            await web.TCPSite(metrics_runner, metrics_host, settings.metrics.port).start()
+            log.info("metrics_listening", host=metrics_host, port=settings.metrics.port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -86,14 +96,15 @@ async def serve(settings: Settings) -> int:
         stopped.cancel()
         failed.cancel()
         if readiness.failed:
-            log.error("startup_failed", reason=readiness.reason)
-            return 1
+            log.error("failed", reason=readiness.reason, exit_code=int(readiness.exit_code))
+            return readiness.exit_code
         log.info("shutting_down", drain_timeout_s=settings.server.graceful_shutdown_timeout_s)
-        return 0
+        return ExitCode.OK
     finally:
-        readiness_of_app = app[READINESS]
-        readiness_of_app.mark_not_ready("shutting down")
+        app[READINESS].mark_not_ready("shutting down")
         await runner.cleanup()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         log.info("stopped")
 
 
@@ -104,14 +115,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
     except SettingsError as exc:
         print(f"batching-server: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_SETTINGS
     configure_logging(level=settings.logging.level, fmt=settings.logging.format)
     log.info("starting", version=__version__, weights=settings.model.weights)
     try:
-        return asyncio.run(serve(settings))
+        code = asyncio.run(serve(settings))
     except ModelLoadError as exc:
         log.error("model_load_failed", error=str(exc))
-        return 3
+        return ExitCode.MODEL_LOAD_FAILED
+    if code == ExitCode.MODEL_STALLED:
+        # The stalled model thread never ends, and a normal exit joins every worker thread:
+        # leave at once, after the log, instead of hanging until someone sends SIGKILL.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -34,16 +34,18 @@ from .appkeys import (
 )
 from .auth import bearer_auth_middleware
 from .batcher import Batcher
-from .handlers import ROUTES
+from .errors import ModelStalledError
+from .handlers import METRICS_ROUTES, ROUTES
 from .metrics import ServiceMetrics
 from .middlewares import request_context_middleware
 from .model import MODEL_NAME, Classifier, default_thread_count, load_classifier
 from .preprocess import Preprocessor
-from .readiness import Readiness
+from .readiness import ExitCode, Readiness
 from .settings import Settings
 from .tracing import create_tracer_provider, server_span_middleware, traced_batch_function
+from .watchdog import StallWatchdog
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "create_metrics_app"]
 
 log = structlog.get_logger(__name__)
 
@@ -92,12 +94,16 @@ def create_app(
         jpeg_draft=settings.preprocess.jpeg_draft,
     )
     app.add_routes(ROUTES)
+    if not settings.metrics.port:
+        app.add_routes(METRICS_ROUTES)
     if provider is not None and tracer_provider is None:
         app.cleanup_ctx.append(_tracing_ctx(provider))
     app.cleanup_ctx.append(_loop_lag_ctx)
     app.cleanup_ctx.append(_preprocess_pool_ctx)
     app.cleanup_ctx.append(_model_ctx(classifier))
     app.cleanup_ctx.append(_batcher_ctx)
+    if settings.model.stall_timeout_s:
+        app.cleanup_ctx.append(_watchdog_ctx)
     app.on_shutdown.append(_mark_shutting_down)
     return app
 
@@ -206,6 +212,43 @@ async def _batcher_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     # Runs after aiohttp has waited for in-flight handlers; drains anything still queued.
     await batcher.close()
+
+
+async def _watchdog_ctx(app: web.Application) -> AsyncIterator[None]:
+    batcher = app[BATCHER]
+    readiness = app[READINESS]
+    timeout_s = app[SETTINGS].model.stall_timeout_s
+
+    def on_stall(running_s: float) -> None:
+        # A thread stuck in native code cannot be stopped or replaced safely (it may hold
+        # the OpenMP pool or the GPU), so the process fails fast and its supervisor
+        # restarts it: refuse traffic now, fail what is queued, then exit (see __main__).
+        log.error("model_stalled", running_s=round(running_s, 3), stall_timeout_s=timeout_s)
+        message = (
+            f"the model stalled: a forward pass has run for {running_s:.0f} s; "
+            "the server is restarting"
+        )
+        batcher.abort(ModelStalledError(message))
+        readiness.mark_failed(
+            f"model stalled: a forward pass has run for {running_s:.0f} s "
+            f"(model.stall_timeout_s = {timeout_s:g})",
+            exit_code=ExitCode.MODEL_STALLED,
+        )
+
+    watchdog = StallWatchdog(batcher, stall_timeout_s=timeout_s, on_stall=on_stall)
+    task = asyncio.create_task(watchdog.run(), name="stall-watchdog")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def create_metrics_app(app: web.Application) -> web.Application:
+    """A bare app serving ``app``'s ``/metrics``, for its own port (``metrics.port``)."""
+    metrics_app = web.Application()
+    metrics_app[METRICS] = app[METRICS]
+    metrics_app.add_routes(METRICS_ROUTES)
+    return metrics_app
 
 
 async def _mark_shutting_down(app: web.Application) -> None:

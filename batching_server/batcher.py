@@ -15,7 +15,13 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import structlog
 
-from .errors import BatcherClosedError, DeadlineExceededError, InferenceError, QueueFullError
+from .errors import (
+    BatcherClosedError,
+    DeadlineExceededError,
+    InferenceError,
+    QueueFullError,
+    ServiceError,
+)
 
 __all__ = [
     "BatchFunction",
@@ -32,7 +38,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 DispatchReason = Literal["full", "timeout", "drain"]
-DropReason = Literal["cancelled", "expired", "rejected"]
+DropReason = Literal["cancelled", "expired", "rejected", "aborted"]
 
 log = structlog.get_logger(__name__)
 
@@ -170,9 +176,11 @@ class Batcher(Generic[T, R]):
         self._queue: deque[_Pending[T, R]] = deque()
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(max_concurrent_batches)
-        self._running: set[asyncio.Task[None]] = set()
+        # Running batches and when each was dispatched (batcher clock), for stall detection.
+        self._running: dict[asyncio.Task[None], float] = {}
         self._dispatcher: asyncio.Task[None] | None = None
         self._closed = False
+        self._abort_error: ServiceError | None = None
         # Measured seconds of forward pass per image (moving average), for Retry-After.
         self._seconds_per_item = 0.0
 
@@ -185,6 +193,12 @@ class Batcher(Generic[T, R]):
     def running_batches(self) -> int:
         """Batches whose forward pass is in flight."""
         return len(self._running)
+
+    def longest_running_s(self) -> float:
+        """Seconds the oldest batch still in flight has been running (0 when none is)."""
+        if not self._running:
+            return 0.0
+        return self._clock() - min(self._running.values())
 
     def estimated_wait_s(self) -> float:
         """Seconds until the images queued now are served, at the measured service rate."""
@@ -265,9 +279,33 @@ class Batcher(Generic[T, R]):
         self._closed = True
         self._wakeup.set()
         if self._dispatcher is not None:
-            await self._dispatcher
+            if self._abort_error is None:
+                await self._dispatcher
+            else:
+                # abort() cancelled it; wait() lets that be without re-raising it here.
+                await asyncio.wait({self._dispatcher})
         while self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
+
+    def abort(self, error: ServiceError) -> None:
+        """Stop for good: fail every queued and running item with ``error`` at once.
+
+        For a model that hangs: a running batch is abandoned, not waited for (its thread
+        cannot be interrupted), so ``close()`` returns promptly afterwards.
+        """
+        self._closed = True
+        self._abort_error = error
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+        for p in self._queue:
+            p.queued = False
+            _fail(p.future, error)
+        if self._queue:
+            self._observer.on_drop("aborted", len(self._queue))
+            self._queue.clear()
+            self._observer.on_queue_size(0)
+        for task in self._running:
+            task.cancel()
 
     async def _dispatch_loop(self) -> None:
         try:
@@ -281,19 +319,19 @@ class Batcher(Generic[T, R]):
                     return
                 info, live = batch
                 task = asyncio.create_task(self._run(info, live), name="batcher-run")
-                self._running.add(task)
+                self._running[task] = info.dispatched_at
                 task.add_done_callback(self._batch_finished)
         except BaseException as exc:
             # Nothing may wait forever on a future whose dispatcher is gone.
             for p in self._queue:
-                _fail(p.future, BatcherClosedError("the batcher stopped"))
+                _fail(p.future, self._abort_error or BatcherClosedError("the batcher stopped"))
             self._queue.clear()
             if not isinstance(exc, asyncio.CancelledError):
                 log.exception("batcher_crashed")
             raise
 
     def _batch_finished(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
+        self._running.pop(task, None)
         self._slots.release()
 
     async def _next_batch(self) -> tuple[BatchInfo, list[_Pending[T, R]]] | None:
@@ -366,7 +404,7 @@ class Batcher(Generic[T, R]):
         except asyncio.CancelledError as exc:
             error = exc
             for p in live:
-                _fail(p.future, BatcherClosedError("the batch was cancelled"))
+                _fail(p.future, self._abort_error or BatcherClosedError("the batch was cancelled"))
             raise
         except Exception as exc:
             error = exc

@@ -12,6 +12,7 @@ __all__ = [
     "ImageTooLargeError",
     "InferenceError",
     "ModelLoadError",
+    "ModelStalledError",
     "NotReadyError",
     "PayloadTooLargeError",
     "QueueFullError",
@@ -100,6 +101,12 @@ class BatcherClosedError(NotReadyError):
     """The batcher no longer accepts work because the server is shutting down."""
 
     error_type = "shutting_down"
+
+
+class ModelStalledError(NotReadyError):
+    """A forward pass hung: this process serves no more and exits to be restarted."""
+
+    error_type = "model_stalled"
 
 
 class DeadlineExceededError(ServiceError):

@@ -32,7 +32,7 @@ from .preprocess import Preprocessor
 from .responses import json_response
 from .uploads import Upload, read_uploads
 
-__all__ = ["ROUTES", "health", "index", "metrics", "predict", "ready"]
+__all__ = ["METRICS_ROUTES", "ROUTES", "health", "index", "metrics", "predict", "ready"]
 
 
 DEADLINE_HEADER = "X-Request-Timeout"
@@ -190,7 +190,14 @@ async def predict(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """Liveness: 200 while the process serves requests."""
+    """Liveness: 200 while the process can serve, 503 once it has failed for good."""
+    readiness = request.app[READINESS]
+    if readiness.failed:
+        # A stalled model: the process is about to exit; a restart is the cure.
+        return json_response(
+            {"status": "unhealthy", "reason": readiness.reason, "timestamp": time.time()},
+            status=503,
+        )
     return json_response({"status": "healthy", "timestamp": time.time()})
 
 
@@ -245,7 +252,11 @@ async def index(request: web.Request) -> web.Response:
                 "POST /predict": "classify images: multipart field 'file', optional ?top_k=N",
                 "GET /health": "liveness",
                 "GET /ready": "readiness (model loaded and warmed up)",
-                "GET /metrics": "Prometheus metrics",
+                "GET /metrics": (
+                    f"Prometheus metrics, on port {settings.metrics.port}"
+                    if settings.metrics.port
+                    else "Prometheus metrics"
+                ),
                 "GET /": "this summary",
             },
         }
@@ -256,6 +267,7 @@ ROUTES = [
     web.post("/predict", predict),
     web.get("/health", health, allow_head=False),
     web.get("/ready", ready, allow_head=False),
-    web.get("/metrics", metrics, allow_head=False),
     web.get("/", index, allow_head=False),
 ]
+# On the API port, or on a port of their own (metrics.port).
+METRICS_ROUTES = [web.get("/metrics", metrics, allow_head=False)]

@@ -135,7 +135,7 @@ class ServiceMetrics:
         # work from the first scrape.
         for reason in ("full", "timeout", "drain"):
             self.dispatches.set({"reason": reason}, 0)
-        for drop in ("cancelled", "expired", "rejected"):
+        for drop in ("cancelled", "expired", "rejected", "aborted"):
             self.dropped.set({"reason": drop}, 0)
         self.queue_size.set({}, 0)
         self.in_flight.set({}, 0)

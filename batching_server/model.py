@@ -158,6 +158,8 @@ class Classifier:
             shapes = len(warmup_sizes(max_batch_size, self.batch_sizes))
             self._run = compile_module(self.module, shapes=shapes)
         self._local = threading.local()
+        self._busy = 0  # forward passes running now; a stalled one never ends
+        self._busy_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(
             max_workers=max_concurrent_batches,
             thread_name_prefix="model",
@@ -197,7 +199,13 @@ class Classifier:
 
     def _forward_inputs(self, items: Sequence[ImageInput]) -> list[torch.Tensor]:
         started = time.perf_counter()
-        probabilities = self.forward(torch.stack([item.pixels for item in items]))
+        with self._busy_lock:
+            self._busy += 1
+        try:
+            probabilities = self.forward(torch.stack([item.pixels for item in items]))
+        finally:
+            with self._busy_lock:
+                self._busy -= 1
         # Runs in the model thread, inside the caller's context: this lands on the batch span.
         trace.get_current_span().add_event(
             "forward_pass",
@@ -234,8 +242,16 @@ class Classifier:
         ]
 
     def close(self) -> None:
-        """Stop the inference thread after the batch it is running."""
-        self._executor.shutdown(wait=True)
+        """Stop the model threads once their batches end; a batch still running is abandoned.
+
+        By the time the app closes the classifier the batcher has drained, so a forward pass
+        still running is a stalled one: waiting for it would hang the shutdown.
+        """
+        with self._busy_lock:
+            busy = self._busy
+        if busy:
+            log.warning("model_threads_abandoned", running_forward_passes=busy)
+        self._executor.shutdown(wait=not busy, cancel_futures=True)
 
 
 def _set_interop_threads(count: int) -> None:

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 
-__all__ = ["Readiness"]
+__all__ = ["ExitCode", "Readiness"]
+
+
+class ExitCode(enum.IntEnum):
+    """The process's exit statuses, so that whoever restarts it can tell them apart."""
+
+    OK = 0
+    STARTUP_FAILED = 1  # warm-up failed after the model loaded
+    BAD_SETTINGS = 2
+    MODEL_LOAD_FAILED = 3
+    MODEL_STALLED = 4  # a forward pass hung past model.stall_timeout_s
 
 
 class Readiness:
@@ -14,6 +25,7 @@ class Readiness:
         self._reason = "starting"
         self._ready = asyncio.Event()
         self._failed = asyncio.Event()
+        self._exit_code = ExitCode.OK
 
     @property
     def ready(self) -> bool:
@@ -27,8 +39,13 @@ class Readiness:
 
     @property
     def failed(self) -> bool:
-        """True when startup failed for good and the process should exit."""
+        """True when the server failed for good and the process should exit."""
         return self._failed.is_set()
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """The status the process should exit with, given what has happened so far."""
+        return self._exit_code
 
     def mark_ready(self) -> None:
         """Take traffic."""
@@ -37,12 +54,15 @@ class Readiness:
 
     def mark_not_ready(self, reason: str) -> None:
         """Refuse new traffic for ``reason`` (warming up, shutting down, ...)."""
-        self._reason = reason
+        if not self.failed:  # a failure's reason is the one that matters until exit
+            self._reason = reason
         self._ready.clear()
 
-    def mark_failed(self, reason: str) -> None:
+    def mark_failed(self, reason: str, *, exit_code: ExitCode = ExitCode.STARTUP_FAILED) -> None:
         """Refuse traffic for good; whoever runs the server should stop it."""
-        self.mark_not_ready(reason)
+        self._reason = reason
+        self._ready.clear()
+        self._exit_code = exit_code
         self._failed.set()
 
     async def wait_ready(self) -> None:
@@ -50,5 +70,5 @@ class Readiness:
         await self._ready.wait()
 
     async def wait_failed(self) -> None:
-        """Return once startup has failed for good."""
+        """Return once the server has failed for good."""
         await self._failed.wait()

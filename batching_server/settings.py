@@ -21,6 +21,7 @@ __all__ = [
     "BatchingSettings",
     "LimitsSettings",
     "LoggingSettings",
+    "MetricsSettings",
     "ModelSettings",
     "PreprocessSettings",
     "ServerSettings",
@@ -95,6 +96,10 @@ def _host(value: Any) -> str:
     if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value):
         raise ValueError("a host name or IP address without spaces, such as '127.0.0.1'")
     return value
+
+
+def _host_or_empty(value: Any) -> str:
+    return "" if value == "" else _host(value)
 
 
 def _weights(value: Any) -> str:
@@ -194,6 +199,11 @@ class ModelSettings:
     channels_last: bool = _setting(True, _boolean, "NHWC memory format (faster on CPU and GPU)")
     compile: bool = _setting(False, _boolean, "torch.compile (inductor, freezing) at warm-up")
     seed: int = _setting(0, _integer(0, 2**32 - 1), "seed of the 'random' weights")
+    stall_timeout_s: float = _setting(
+        60.0,
+        _number(0, 86_400),
+        "a forward pass running longer marks the server failed; it exits 4 (0: never)",
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -218,6 +228,16 @@ class PreprocessSettings:
 
     jpeg_draft: bool = _setting(True, _boolean, "decode JPEGs at reduced scale when large")
     threads: int = _setting(0, _integer(0, 256), "decode threads (0: one per core)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsSettings:
+    """Where ``/metrics`` is served."""
+
+    port: int = _setting(
+        0, _integer(0, 65535), "separate port for /metrics only (0: on the API port)"
+    )
+    host: str = _setting("", _host_or_empty, "interface of that port (empty: server.host)")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -270,6 +290,7 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     preprocess: PreprocessSettings = field(default_factory=PreprocessSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
@@ -306,6 +327,14 @@ def _cross_checks(settings: Settings) -> list[tuple[set[str], str]]:
                 {"batching.batch_sizes", "batching.max_batch_size"},
                 f"the largest of batching.batch_sizes ({batching.batch_sizes[-1]}) must be at "
                 f"least batching.max_batch_size ({batching.max_batch_size})",
+            )
+        )
+    if settings.metrics.port and settings.metrics.port == settings.server.port:
+        problems.append(
+            (
+                {"metrics.port", "server.port"},
+                f"metrics.port ({settings.metrics.port}) must differ from server.port, or "
+                "be 0 to serve /metrics on the API port",
             )
         )
     if limits.max_files_per_request > batching.max_queue_size:

@@ -111,4 +111,4 @@ async def test_every_request_is_answered_once_and_counted(
         for (name, labels), value in samples.items()
         if name == "batch_dropped_total"
     }
-    assert dropped == {"rejected": 2, "cancelled": 2, "expired": 2}
+    assert dropped == {"rejected": 2, "cancelled": 2, "expired": 2, "aborted": 0}

@@ -17,6 +17,7 @@ from batching_server.errors import (
     BatcherClosedError,
     DeadlineExceededError,
     InferenceError,
+    ModelStalledError,
     QueueFullError,
 )
 from tests.fakes import (
@@ -340,6 +341,49 @@ async def test_close_drains_the_queue_and_waits_for_the_running_batch() -> None:
     assert [t.result() for t in tasks] == [10, 20, 30]
     assert model.batches == [[1, 2], [3]]
     assert batcher.running_batches == 0
+
+
+async def test_longest_running_is_measured_from_dispatch_by_the_batcher_clock() -> None:
+    clock = FakeClock(100.0)
+    model = GatedModel()
+    batcher = make(model, max_batch_size=1, clock=clock, max_concurrent_batches=2)
+    assert batcher.longest_running_s() == 0.0
+    first = spawn(batcher, 1)
+    await model.started.wait()
+    clock.now = 103.0
+    second = spawn(batcher, 2)
+    await settle()
+    assert batcher.running_batches == 2
+    clock.now = 110.0
+    assert batcher.longest_running_s() == 10.0  # the older of the two, not the newer
+    model.gate.set()
+    assert [await first[0], await second[0]] == [10, 20]
+    assert batcher.longest_running_s() == 0.0
+    await batcher.close()
+
+
+async def test_abort_fails_queued_and_running_items_and_close_does_not_wait(
+    observer: RecordingObserver,
+) -> None:
+    model = GatedModel()  # its gate stays shut: a forward pass that never returns
+    batcher = make(model, max_batch_size=2, observer=observer)
+    running = spawn(batcher, 1, 2)
+    await model.started.wait()
+    queued = spawn(batcher, 3, 4, 5)
+    await settle()
+    assert batcher.queue_size == 3
+    error = ModelStalledError("stalled")
+    batcher.abort(error)
+    for task in running + queued:
+        with pytest.raises(ModelStalledError):
+            await task
+    await batcher.close()  # returns although the gate is still shut
+    assert batcher.queue_size == 0
+    assert batcher.running_batches == 0
+    assert observer.drops == {"aborted": 3}
+    assert model.batches == [[1, 2]]  # the queued items never reached the model
+    with pytest.raises(BatcherClosedError):
+        await batcher.submit(9)
 
 
 async def test_observer_sees_queue_sizes_dispatches_and_completions(

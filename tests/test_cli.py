@@ -6,6 +6,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -170,10 +172,16 @@ def test_failed_download_keeps_stdout_json_only(
 class ServerProcess:
     """A real server whose stdout lines are read by a thread, so every wait is bounded."""
 
-    def __init__(self, tmp_path: Path, *args: str, **variables: str) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        *args: str,
+        program: Sequence[str] = ("-m", "batching_server"),
+        **variables: str,
+    ) -> None:
         self.stderr = (tmp_path / "stderr.txt").open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "batching_server", *args],
+            [sys.executable, *program, *args],
             cwd=tmp_path,
             env=cli_env(tmp_path, **variables),
             stdout=subprocess.PIPE,
@@ -238,10 +246,19 @@ def wait_until_ready(base: str) -> dict[str, Any]:
     return body
 
 
-def serve_random(tmp_path: Path, **variables: str) -> ServerProcess:
+def serve_random(
+    tmp_path: Path, program: Sequence[str] = ("-m", "batching_server"), **variables: str
+) -> ServerProcess:
     """A real server on a free loopback port, with random weights."""
     return ServerProcess(
-        tmp_path, "--host", "127.0.0.1", "--port", "0", MODEL__WEIGHTS="random", **variables
+        tmp_path,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        program=program,
+        MODEL__WEIGHTS="random",
+        **variables,
     )
 
 
@@ -334,3 +351,91 @@ def test_sigterm_mid_burst_answers_every_accepted_request(tmp_path: Path) -> Non
     assert names.count("request_completed") >= burst
     assert names[-1] == "stopped"
     assert "shutting_down" in names
+
+
+# The real server, except that every forward pass blocks forever, as a deadlocked kernel or
+# a wedged driver call would: nothing in Python can interrupt it.
+HANGING_SERVER = """
+import sys, threading
+from batching_server import model
+from batching_server.__main__ import main
+
+def hang(self, pixels):
+    threading.Event().wait()
+
+model.Classifier.forward = hang
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def post_expecting_error(base: str, body: bytes, content_type: str) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        f"{base}/predict", data=body, headers={"Content-Type": content_type}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.load(error)
+
+
+@pytest.mark.slow
+def test_hung_forward_pass_exits_4_after_answering(tmp_path: Path) -> None:
+    server = serve_random(
+        tmp_path,
+        program=("-c", HANGING_SERVER),
+        MODEL__WARMUP="false",
+        MODEL__STALL_TIMEOUT_S="1",
+        BATCHING__REQUEST_TIMEOUT_S="30",
+    )
+    try:
+        listening, lines = server.wait_for("listening")
+        base = f"http://127.0.0.1:{listening['port']}"
+        wait_until_ready(base)
+        status, body = post_expecting_error(base, *multipart(photo_bytes("chelsea.png")))
+        assert status == 503
+        assert body["error"]["type"] == "model_stalled"
+        # Without the exit path the process would hang on its stuck thread forever.
+        assert server.process.wait(timeout=TIMEOUT_S) == 4
+        lines += server.rest()
+    finally:
+        server.close()
+    events = json_lines("".join(lines))
+    names = [event["event"] for event in events]
+    stalled = next(e for e in events if e["event"] == "model_stalled")
+    assert stalled["level"] == "error"
+    assert stalled["running_s"] > 1
+    failed = next(e for e in events if e["event"] == "failed")
+    assert failed["exit_code"] == 4
+    assert "model stalled" in failed["reason"]
+    assert "model_threads_abandoned" in names
+    assert names[-1] == "stopped"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_metrics_port_serves_metrics_apart_from_the_api(tmp_path: Path) -> None:
+    metrics_port = free_port()
+    server = serve_random(tmp_path, MODEL__WARMUP="false", METRICS__PORT=str(metrics_port))
+    try:
+        listening, _ = server.wait_for("listening")
+        metrics_listening, _ = server.wait_for("metrics_listening")
+        assert metrics_listening["port"] == metrics_port
+        assert metrics_listening["host"] == "127.0.0.1"  # server.host, as metrics.host is empty
+        base = f"http://127.0.0.1:{listening['port']}"
+        wait_until_ready(base)
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"{base}/metrics", timeout=10)
+        missing.value.close()
+        assert missing.value.code == 404
+        assert in_flight(f"http://127.0.0.1:{metrics_port}") == 0
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=TIMEOUT_S) == 0
+    finally:
+        server.close()

@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
+from batching_server.app import create_metrics_app
 from batching_server.logs import configure_logging
 from batching_server.model import Classifier
 from batching_server.settings import TracingSettings
@@ -99,6 +100,23 @@ async def test_golden_signals_and_batch_metrics(
         "device": "cpu",
         "precision": "fp32",
     }
+
+
+async def test_metrics_port_moves_metrics_off_the_api(
+    app_client: AppClient, aiohttp_client: Any
+) -> None:
+    client = await app_client(metrics={"port": 9464})
+    assert (await client.get("/metrics")).status == 404
+    assert (await client.get("/health")).status == 200
+    index = await (await client.get("/")).json()
+    assert index["endpoints"]["GET /metrics"] == "Prometheus metrics, on port 9464"
+    metrics_client = await aiohttp_client(create_metrics_app(client.app))
+    # The separate listener serves the API app's own registry: it sees the API's traffic.
+    samples = await scrape(metrics_client)
+    assert (
+        value(samples, "http_requests_total", method="GET", endpoint="/health", status="2xx") == 1
+    )
+    assert (await metrics_client.get("/predict")).status == 404  # nothing but /metrics there
 
 
 async def test_drops_are_counted_by_reason(app_client: AppClient, classifier: Classifier) -> None:

@@ -169,6 +169,8 @@ def test_environment_problems_are_reported_together(monkeypatch: pytest.MonkeyPa
         pytest.param("model", "warmup", "yes", "true or false, got 'yes'", id="bool-string"),
         pytest.param("model", "device", "tpu", "one of 'auto', 'cpu', 'cuda'", id="device"),
         pytest.param("server", "host", "my host", "without spaces", id="host"),
+        pytest.param("metrics", "host", " ", "without spaces", id="metrics-host"),
+        pytest.param("model", "stall_timeout_s", -1, "a number from 0 to 86400", id="stall"),
         pytest.param("model", "weights", "", "or a path to a state_dict, got ''", id="no-weights"),
         pytest.param("logging", "level", "LOUD", "got 'LOUD'", id="level"),
     ],
@@ -196,6 +198,11 @@ def test_section_that_is_not_a_table() -> None:
             {"batching": {"max_batch_size": 4, "max_queue_size": 8}},
             "limits.max_files_per_request (16) must not exceed batching.max_queue_size (8)",
             id="files-above-queue",
+        ),
+        pytest.param(
+            {"server": {"port": 9000}, "metrics": {"port": 9000}},
+            "metrics.port (9000) must differ from server.port",
+            id="metrics-on-the-api-port",
         ),
     ],
 )
