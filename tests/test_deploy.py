@@ -392,7 +392,12 @@ def test_deployment_probes_and_shutdown_timing() -> None:
     assert pod["spec"]["terminationGracePeriodSeconds"] > drain
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
-    assert int(annotations["prometheus.io/port"]) == 8080
+    # Prometheus scrapes the metrics port the server is told to open, which the Service
+    # does not publish.
+    assert int(annotations["prometheus.io/port"]) == settings.metrics.port == ports["metrics"]
+    service_ports = {p["targetPort"] for p in objects["Service"]["spec"]["ports"]}
+    assert "metrics" not in service_ports
+    assert settings.metrics.port not in service_ports
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
