@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -99,11 +100,28 @@ def settings_env(settings: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
     return env
 
 
+@dataclass(frozen=True, slots=True)
+class Server:
+    """A started server: its base URL, and its process id (to read its memory)."""
+
+    url: str
+    pid: int
+
+
 @contextlib.asynccontextmanager
 async def server_process(
     settings: Mapping[str, Mapping[str, Any]], *, ready_timeout_s: float = 900
 ) -> AsyncIterator[str]:
     """Run ``python -m batching_server`` with ``settings``; yield its URL once ready."""
+    async with started_server(settings, ready_timeout_s=ready_timeout_s) as server:
+        yield server.url
+
+
+@contextlib.asynccontextmanager
+async def started_server(
+    settings: Mapping[str, Mapping[str, Any]], *, ready_timeout_s: float = 900
+) -> AsyncIterator[Server]:
+    """Like server_process, but yields the URL with the server's process id."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHING_SERVER_")}
     env.update(settings_env({"model": {"weights": "random"}}))
     env.update(settings_env(settings))
@@ -128,7 +146,7 @@ async def server_process(
         # Keep draining its log so the pipe never fills and blocks the server.
         drain = asyncio.create_task(_drain(process.stdout))
         await _wait_ready(url, ready_timeout_s)
-        yield url
+        yield Server(url, process.pid)
         drain.cancel()
     finally:
         if process.returncode is None:
