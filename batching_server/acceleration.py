@@ -75,16 +75,24 @@ def compile_module(module: nn.Module, *, shapes: int) -> Callable[[torch.Tensor]
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
-    # Freezing folds batch norm into the convolutions and pre-packs weights for oneDNN:
-    # inference-only, which is all we do.
-    inductor_config.freezing = True
     # One graph per batch shape; past the recompile limit dynamo would silently fall back
     # to eager for the extra shapes.
     limit = max(8, shapes + 2)
-    for name in ("cache_size_limit", "recompile_limit"):
-        if hasattr(dynamo_config, name):
-            setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
-    compiled: Callable[[torch.Tensor], torch.Tensor] = torch.compile(
-        module, backend="inductor", dynamic=False
-    )
-    return compiled
+    limits = {
+        name: max(getattr(dynamo_config, name), limit)
+        for name in ("cache_size_limit", "recompile_limit")
+        if hasattr(dynamo_config, name)
+    }
+    compiled = torch.compile(module, backend="inductor", dynamic=False)
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        # torch keeps config changes in context variables, so a change made here, in the
+        # loading thread, is unset in the model thread that compiles and calls: there the
+        # graph was built without freezing and ran about 2x slower. So the config goes
+        # around every call, in whichever thread and context makes it. Freezing folds batch
+        # norm into the convolutions and pre-packs weights for oneDNN (inference only).
+        with inductor_config.patch(freezing=True), dynamo_config.patch(limits):
+            result: torch.Tensor = compiled(batch)
+        return result
+
+    return run

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 import torch
 from aiohttp import FormData
+from torch import nn
+from torch._inductor.utils import run_and_get_code
 
-from batching_server.acceleration import choose_precision, padded_size, warmup_sizes
+from batching_server.acceleration import (
+    choose_precision,
+    compile_module,
+    padded_size,
+    warmup_sizes,
+)
 from batching_server.model import Classifier, load_classifier
 from batching_server.preprocess import Preprocessor
 from tests.conftest import AppClient, make_settings
@@ -118,3 +126,27 @@ async def test_compiled_model_serves_padded_batches(
         assert "batch_padding_images_total 1" in samples
     finally:
         compiled.close()
+
+
+@pytest.mark.slow
+def test_compile_freezes_in_whatever_thread_compiles() -> None:
+    """Configured in one thread, compiled in another (as the server does): still frozen.
+
+    torch keeps config changes in context variables; set only where the module is loaded,
+    freezing was off in the model thread, and batch norm stayed in the compiled graph.
+    """
+    module = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    compiled = compile_module(module, shapes=1)
+    batch = torch.randn(2, 3, 16, 16)
+
+    def compile_and_run() -> tuple[torch.Tensor, str]:
+        with torch.inference_mode():
+            result, code = run_and_get_code(compiled, batch)
+        return result, "".join(code)
+
+    with ThreadPoolExecutor(1) as model_thread:  # a fresh thread, with a fresh context
+        result, code = model_thread.submit(compile_and_run).result()
+    assert code  # inductor generated code for it
+    assert "batch_norm" not in code  # folded into the convolution by freezing
+    with torch.inference_mode():
+        torch.testing.assert_close(result, module(batch), atol=1e-4, rtol=1e-4)
