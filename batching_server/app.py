@@ -206,6 +206,7 @@ async def _batcher_ctx(app: web.Application) -> AsyncIterator[None]:
         max_queue_size=batching.max_queue_size,
         max_concurrent_batches=batching.max_concurrent_batches,
         observer=app[METRICS],
+        dispatch_when_idle=batching.dispatch_when_idle,
     )
     batcher.start()
     app[BATCHER] = batcher

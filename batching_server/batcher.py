@@ -6,10 +6,11 @@ It is plain asyncio and knows nothing of HTTP; ``app.py`` wires it into aiohttp.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
@@ -37,7 +38,7 @@ __all__ = [
 T = TypeVar("T")
 R = TypeVar("R")
 
-DispatchReason = Literal["full", "timeout", "drain"]
+DispatchReason = Literal["full", "timeout", "drain", "idle"]
 DropReason = Literal["cancelled", "expired", "rejected", "aborted"]
 
 log = structlog.get_logger(__name__)
@@ -60,12 +61,14 @@ def plan_batch(
     max_batch_size: int,
     max_wait_s: float,
     draining: bool = False,
+    incoming: int | None = None,
 ) -> BatchPlan:
     """Decide whether the next batch goes now, and how big it is.
 
     A batch goes as soon as it is full, or once its oldest item has waited ``max_wait_s``;
-    while draining, whatever is queued goes at once. ``wake_at is None`` means wait for an
-    arrival.
+    while draining, whatever is queued goes at once, and so it does when ``incoming`` (items
+    known to be on their way) is 0, as waiting could not fill the batch. ``wake_at is None``
+    means wait for an arrival.
     """
     if queued == 0 or oldest_enqueued_at is None:
         return BatchPlan()
@@ -73,6 +76,8 @@ def plan_batch(
         return BatchPlan(size=max_batch_size, reason="full")
     if draining:
         return BatchPlan(size=queued, reason="drain")
+    if incoming == 0:
+        return BatchPlan(size=queued, reason="idle")
     deadline = oldest_enqueued_at + max_wait_s
     if now >= deadline:
         return BatchPlan(size=queued, reason="timeout")
@@ -156,6 +161,7 @@ class Batcher(Generic[T, R]):
         max_concurrent_batches: int = 1,
         clock: Callable[[], float] = time.monotonic,
         observer: BatcherObserver | None = None,
+        dispatch_when_idle: bool = False,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -181,6 +187,9 @@ class Batcher(Generic[T, R]):
         self._dispatcher: asyncio.Task[None] | None = None
         self._closed = False
         self._abort_error: ServiceError | None = None
+        # Callers inside expecting(): their items are on the way (uploading, decoding).
+        self._dispatch_when_idle = dispatch_when_idle
+        self._expected = 0
         # Measured seconds of forward pass per image (moving average), for Retry-After.
         self._seconds_per_item = 0.0
 
@@ -193,6 +202,21 @@ class Batcher(Generic[T, R]):
     def running_batches(self) -> int:
         """Batches whose forward pass is in flight."""
         return len(self._running)
+
+    @contextlib.contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Mark a caller that will submit soon (while it uploads and decodes, say).
+
+        With ``dispatch_when_idle``, a partial batch waits ``max_wait_s`` only while some
+        caller is expecting: when none is, no item can join it, and it goes at once.
+        """
+        self._expected += 1
+        try:
+            yield
+        finally:
+            self._expected -= 1
+            if not self._expected:
+                self._wakeup.set()  # a partial batch may go now
 
     def longest_running_s(self) -> float:
         """Seconds the oldest batch still in flight has been running (0 when none is)."""
@@ -344,6 +368,7 @@ class Batcher(Generic[T, R]):
                 max_batch_size=self.max_batch_size,
                 max_wait_s=self.max_wait_s,
                 draining=self._closed,
+                incoming=self._expected if self._dispatch_when_idle else None,
             )
             if plan.reason is not None:
                 batch = self._take(plan.size, plan.reason, now)

@@ -165,8 +165,11 @@ async def predict(request: web.Request) -> web.Response:
     timeout_s = _timeout_s(request, settings.batching.request_timeout_s)
     request_id = request[REQUEST_ID]
 
-    async with _upload_slot(request, timeout_s):
-        tensors = await _read_and_preprocess(request)
+    batcher = app[BATCHER]
+    # Until its images are queued, this request may still join a partial batch.
+    with batcher.expecting():
+        async with _upload_slot(request, timeout_s):
+            tensors = await _read_and_preprocess(request)
     remaining = timeout_s - (time.monotonic() - started)
     if remaining <= 0:
         raise DeadlineExceededError(
@@ -177,7 +180,7 @@ async def predict(request: web.Request) -> web.Response:
         ImageInput(pixels=t, request_id=request_id, span_context=request_span) for t in tensors
     ]
     with app[TRACER].start_as_current_span("batcher.wait", attributes={"images": len(inputs)}):
-        outputs = await app[BATCHER].submit_many(inputs, timeout_s=remaining)
+        outputs = await batcher.submit_many(inputs, timeout_s=remaining)
 
     ranked = [classifier.top_k(p, top_k or 1) for p in outputs]
     app[METRICS].observe_predictions([labels[0] for labels in ranked])

@@ -106,7 +106,7 @@ class ServiceMetrics:
         )
         self.dispatches = Counter(
             "batch_dispatch_total",
-            "Batches dispatched, by reason: full, timeout (oldest waited max_wait_ms), drain.",
+            "Batches dispatched, by reason: full, timeout (oldest waited), idle, drain.",
             registry=r,
         )
         self.dropped = Counter(
@@ -133,7 +133,7 @@ class ServiceMetrics:
         )
         # Series that should exist at zero before the first event, so rate() and absent()
         # work from the first scrape.
-        for reason in ("full", "timeout", "drain"):
+        for reason in ("full", "timeout", "drain", "idle"):
             self.dispatches.set({"reason": reason}, 0)
         for drop in ("cancelled", "expired", "rejected", "aborted"):
             self.dropped.set({"reason": drop}, 0)

@@ -177,6 +177,9 @@ class BatchingSettings:
         10.0, _number(0, 10_000), "longest the oldest queued image waits for a fuller batch"
     )
     max_queue_size: int = _setting(64, _integer(1, 100_000), "images waiting, at most")
+    dispatch_when_idle: bool = _setting(
+        True, _boolean, "a partial batch goes at once when no request is uploading or decoding"
+    )
     request_timeout_s: float = _setting(30.0, _number(0.001, 3600), "deadline of one request")
     max_concurrent_batches: int = _setting(1, _integer(1, 16), "forward passes in flight")
     batch_sizes: tuple[int, ...] = _setting(

@@ -105,6 +105,61 @@ def test_plan_batch_zero_wait_dispatches_whatever_is_queued() -> None:
 # --- triggers --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("incoming", "expected"),
+    [
+        pytest.param(None, BatchPlan(wake_at=1.01), id="not-tracked-waits"),
+        pytest.param(1, BatchPlan(wake_at=1.01), id="one-on-its-way-waits"),
+        pytest.param(0, BatchPlan(size=2, reason="idle"), id="none-on-its-way-goes"),
+    ],
+)
+def test_plan_batch_goes_at_once_when_nothing_is_on_its_way(
+    incoming: int | None, expected: BatchPlan
+) -> None:
+    plan = plan_batch(
+        queued=2,
+        oldest_enqueued_at=1.0,
+        now=1.0,
+        max_batch_size=4,
+        max_wait_s=0.01,
+        incoming=incoming,
+    )
+    assert plan == expected
+
+
+async def test_dispatch_when_idle_waits_only_while_a_caller_is_expected(
+    observer: RecordingObserver,
+) -> None:
+    model = RecordingModel()
+    batcher = make(model, dispatch_when_idle=True, observer=observer)
+    with batcher.expecting():
+        first = spawn(batcher, 1)
+        await settle()
+        assert batcher.queue_size == 1  # another caller is on its way: the batch waits
+        second = spawn(batcher, 2)
+        await settle()
+        assert model.batches == []
+    assert [await first[0], await second[0]] == [10, 20]
+    assert model.batches == [[1, 2]]  # the last expected caller left: it went, with both
+    assert [info.reason for info in observer.dispatched] == ["idle"]
+    third = spawn(batcher, 3)  # nobody is expected at all: no wait
+    assert await third[0] == 30
+    await batcher.close()
+
+
+async def test_expecting_is_ignored_without_dispatch_when_idle() -> None:
+    model = RecordingModel()
+    batcher = make(model)  # max_wait is an hour and the batch is never full
+    with batcher.expecting():
+        pass
+    task = spawn(batcher, 1)
+    await settle()
+    assert not task[0].done()
+    assert model.batches == []
+    await batcher.close()  # drains it
+    assert await task[0] == 10
+
+
 async def test_size_trigger_dispatches_a_full_batch_at_once() -> None:
     model = RecordingModel()
     batcher = make(model)
