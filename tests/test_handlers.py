@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import struct
 import zlib
@@ -296,6 +297,17 @@ async def test_health_ready_and_index(app_client: AppClient) -> None:
     assert index["service"] == "batching_server"
     assert index["batching"]["max_batch_size"] == 8
     assert "POST /predict" in index["endpoints"]
+
+
+async def test_long_lived_objects_are_frozen_out_of_the_collector_once_ready(
+    app_client: AppClient,
+) -> None:
+    gc.unfreeze()  # whatever an earlier test froze
+    assert gc.get_freeze_count() == 0
+    await app_client()
+    # torch, the model and the app are out of the collector's reach: a full collection
+    # under load no longer stops every thread to walk them.
+    assert gc.get_freeze_count() > 100_000
 
 
 async def test_not_ready_is_503_on_ready_and_predict(app_client: AppClient) -> None:
