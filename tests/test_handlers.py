@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from aiohttp import FormData
+from PIL import Image
 
 from batching_server.app import create_app
 from batching_server.appkeys import READINESS
@@ -19,7 +20,7 @@ from batching_server.model import Classifier
 from batching_server.preprocess import Preprocessor
 from tests.conftest import AppClient, make_settings, saturate
 from tests.fakes import SpyClassifier
-from tests.images import PHOTOS, photo, photo_bytes
+from tests.images import PHOTOS, encode, photo, photo_bytes
 
 JPEG = photo_bytes("chelsea.png")
 
@@ -224,6 +225,23 @@ async def test_body_over_the_limit_is_413(app_client: AppClient) -> None:
     response = await client.post("/predict", data=form(JPEG))
     body = await assert_error(response, 413, "payload_too_large")
     assert "max_upload_bytes" in body["error"]["message"]
+
+
+async def test_huge_exif_and_icc_blobs_are_classified(app_client: AppClient) -> None:
+    client = await app_client()
+    exif = Image.Exif()
+    exif[0x9286] = "x" * 60_000  # UserComment: close to the 64 KiB a JPEG APP1 segment holds
+    exif[0x0112] = 6  # and a real orientation among it
+    # 2 MiB of ICC profile: Pillow splits it over 33 APP2 segments; it is junk, never parsed.
+    icc = bytes(range(256)) * (8 * 1024)
+    data = encode(photo(), "JPEG", exif=exif, icc_profile=icc)
+    assert len(data) > len(icc)
+    upload = FormData()
+    # A stream, not bytes: aiohttp warns about sending a body this large from memory.
+    upload.add_field("file", io.BytesIO(data), filename="big-meta.jpg", content_type="image/jpeg")
+    response = await client.post("/predict", data=upload)
+    assert response.status == 200, await response.text()
+    assert (await response.json())["prediction"]
 
 
 async def test_chunked_body_over_the_limit_is_413(app_client: AppClient) -> None:
