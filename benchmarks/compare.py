@@ -30,7 +30,7 @@ from benchmarks._common import (
     table,
     write_json,
 )
-from benchmarks.load import TUNED, measure, with_overrides
+from benchmarks.load import TUNED, add_set_option, measure, with_overrides
 
 # What a first, naive server does: one image per forward pass, fp32, eager, NCHW.
 SEED: dict[str, dict[str, Any]] = {
@@ -166,7 +166,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per load point")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_set_option(parser)
     parser.add_argument("--out", type=Path, default=RESULTS / "compare.json")
     args = parser.parse_args(argv)
     args.concurrency = [32, 1]

@@ -213,6 +213,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=_ints, default=[1, 4, 16, 64])
     parser.add_argument("--rates", type=_floats, default=[], help="open-loop arrivals per second")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per point")
+    add_set_option(parser)
+    parser.add_argument("--out", type=Path, default=RESULTS / "load.json")
+    args = parser.parse_args(argv)
+    args.settings = with_overrides(TUNED, args.set)
+    return args
+
+
+def add_set_option(parser: argparse.ArgumentParser) -> None:
+    """``--set SECTION.KEY=VALUE`` (repeatable): server settings over the tuned ones."""
     parser.add_argument(
         "--set",
         action="append",
@@ -220,10 +229,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="SECTION.KEY=VALUE",
         help="override a server setting (TOML value), e.g. --set batching.max_batch_size=16",
     )
-    parser.add_argument("--out", type=Path, default=RESULTS / "load.json")
-    args = parser.parse_args(argv)
-    args.settings = with_overrides(TUNED, args.set)
-    return args
 
 
 def with_overrides(

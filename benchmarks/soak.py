@@ -37,7 +37,7 @@ from benchmarks._common import (
     table,
     write_json,
 )
-from benchmarks.load import TUNED, Recorder, measure, open_loop, with_overrides
+from benchmarks.load import TUNED, Recorder, add_set_option, measure, open_loop, with_overrides
 
 __all__ = ["WindowRecorder", "main", "rss_mb", "summarise"]
 
@@ -355,13 +355,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=50.0,
         help="exit 1 if the last RSS exceeds the RSS at the end of the warm-up by more",
     )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a server setting (TOML value), e.g. --set model.compile=false",
-    )
+    add_set_option(parser)
     parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "soak.png")
     args = parser.parse_args(argv)

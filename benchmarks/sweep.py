@@ -23,7 +23,7 @@ from benchmarks._common import (
     table,
     write_json,
 )
-from benchmarks.load import TUNED, measure, with_overrides
+from benchmarks.load import TUNED, add_set_option, measure, with_overrides
 
 POWERS_OF_TWO = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per point")
     parser.add_argument("--p99-slo-ms", type=float, default=1000.0)
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_set_option(parser)
     parser.add_argument("--out", type=Path, default=RESULTS / "sweep.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "sweep.png")
     args = parser.parse_args(argv)
