@@ -235,7 +235,7 @@ async def _watchdog_ctx(app: web.Application) -> AsyncIterator[None]:
             f"the model stalled: a forward pass has run for {running_s:.0f} s; "
             "the server is restarting"
         )
-        batcher.abort(ModelStalledError(message))
+        batcher.abort(lambda: ModelStalledError(message))
         readiness.mark_failed(
             f"model stalled: a forward pass has run for {running_s:.0f} s "
             f"(model.stall_timeout_s = {timeout_s:g})",

@@ -186,7 +186,7 @@ class Batcher(Generic[T, R]):
         self._running: dict[asyncio.Task[None], float] = {}
         self._dispatcher: asyncio.Task[None] | None = None
         self._closed = False
-        self._abort_error: ServiceError | None = None
+        self._abort_error: Callable[[], ServiceError] | None = None
         # Callers inside expecting(): their items are on the way (uploading, decoding).
         self._dispatch_when_idle = dispatch_when_idle
         self._expected = 0
@@ -311,8 +311,8 @@ class Batcher(Generic[T, R]):
         while self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
 
-    def abort(self, error: ServiceError) -> None:
-        """Stop for good: fail every queued and running item with ``error`` at once.
+    def abort(self, error: Callable[[], ServiceError]) -> None:
+        """Stop for good: fail every queued and running item with a new ``error()`` at once.
 
         For a model that hangs: a running batch is abandoned, not waited for (its thread
         cannot be interrupted), so ``close()`` returns promptly afterwards.
@@ -323,7 +323,7 @@ class Batcher(Generic[T, R]):
             self._dispatcher.cancel()
         for p in self._queue:
             p.queued = False
-            _fail(p.future, error)
+            _fail(p.future, error())  # one exception object per caller, as in _run()
         if self._queue:
             self._observer.on_drop("aborted", len(self._queue))
             self._queue.clear()
@@ -348,11 +348,14 @@ class Batcher(Generic[T, R]):
         except BaseException as exc:
             # Nothing may wait forever on a future whose dispatcher is gone.
             for p in self._queue:
-                _fail(p.future, self._abort_error or BatcherClosedError("the batcher stopped"))
+                _fail(p.future, self._closing_error("the batcher stopped"))
             self._queue.clear()
             if not isinstance(exc, asyncio.CancelledError):
                 log.exception("batcher_crashed")
             raise
+
+    def _closing_error(self, message: str) -> ServiceError:
+        return self._abort_error() if self._abort_error else BatcherClosedError(message)
 
     def _batch_finished(self, task: asyncio.Task[None]) -> None:
         self._running.pop(task, None)
@@ -429,7 +432,7 @@ class Batcher(Generic[T, R]):
         except asyncio.CancelledError as exc:
             error = exc
             for p in live:
-                _fail(p.future, self._abort_error or BatcherClosedError("the batch was cancelled"))
+                _fail(p.future, self._closing_error("the batch was cancelled"))
             raise
         except Exception as exc:
             error = exc

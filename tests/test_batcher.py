@@ -427,11 +427,13 @@ async def test_abort_fails_queued_and_running_items_and_close_does_not_wait(
     queued = spawn(batcher, 3, 4, 5)
     await settle()
     assert batcher.queue_size == 3
-    error = ModelStalledError("stalled")
-    batcher.abort(error)
+    batcher.abort(lambda: ModelStalledError("stalled"))
+    errors = []
     for task in running + queued:
-        with pytest.raises(ModelStalledError):
+        with pytest.raises(ModelStalledError) as raised:
             await task
+        errors.append(raised.value)
+    assert len(set(map(id, errors))) == len(errors)  # one exception object per caller
     await batcher.close()  # returns although the gate is still shut
     assert batcher.queue_size == 0
     assert batcher.running_batches == 0
