@@ -26,10 +26,11 @@ def run_soak(tmp_path: Path) -> tuple[int, str]:
         sys.executable, "-m", "benchmarks.soak",
         "--duration", str(DURATION_S), "--warmup-s", str(WARMUP_S),
         "--interval", str(INTERVAL_S), "--calibrate-s", "10",
-        # Half, not the 70% of the long run: with batch_sizes [1, 2, 4, 8] a partial batch is
-        # padded, so the CPU is nearly saturated even at 70%, and a busy CI neighbour then
-        # fills the queue (503) within seconds. The 503 path has its own tests.
-        "--load-fraction", "0.5",
+        # 40%, not the 70% of the long run: this kind of 2-core machine slows by up to ~1.8x
+        # for minutes at a time (measured here), so 70% of a capacity calibrated in a fast
+        # minute can exceed what a slow one serves, and the bounded queue then answers 503
+        # by design (the 10-minute run saw 16 such). The 503 path has its own tests.
+        "--load-fraction", "0.4",
         "--max-rss-growth-mb", str(MAX_RSS_GROWTH_MB),
         # No compile: its warm-up would take longer than the soak itself.
         "--set", "model.compile=false",
