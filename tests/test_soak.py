@@ -25,7 +25,7 @@ def run_soak(tmp_path: Path) -> tuple[int, str]:
     argv = [
         sys.executable, "-m", "benchmarks.soak",
         "--duration", str(DURATION_S), "--warmup-s", str(WARMUP_S),
-        "--interval", str(INTERVAL_S), "--calibrate-s", "10",
+        "--interval", str(INTERVAL_S), "--calibrations", "1", "--calibrate-s", "10",
         # 40%, not the 70% of the long run: this kind of 2-core machine slows by up to ~1.8x
         # for minutes at a time (measured here), so 70% of a capacity calibrated in a fast
         # minute can exceed what a slow one serves, and the bounded queue then answers 503
