@@ -38,13 +38,8 @@ class StallWatchdog:
         self.interval_s = interval_s if interval_s is not None else min(1.0, stall_timeout_s / 4)
         self._stalled = False
 
-    @property
-    def stalled(self) -> bool:
-        """True once a stall was reported."""
-        return self._stalled
-
     def check(self) -> bool:
-        """Look once; report a stall the first time one is seen. Returns ``stalled``."""
+        """Look once; report a stall the first time one is seen. True once one was reported."""
         if not self._stalled:
             running_s = self._batcher.longest_running_s()
             if running_s > self.stall_timeout_s:

@@ -226,9 +226,10 @@ class ServerProcess:
         self.stderr.close()
 
 
-def get(url: str) -> tuple[int, dict[str, Any]]:
+def get(url: str | urllib.request.Request, timeout_s: float = 10) -> tuple[int, dict[str, Any]]:
+    """Status and JSON body of a request, error statuses included."""
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as error:
         with error:
@@ -372,12 +373,7 @@ def post_expecting_error(base: str, body: bytes, content_type: str) -> tuple[int
     request = urllib.request.Request(
         f"{base}/predict", data=body, headers={"Content-Type": content_type}, method="POST"
     )
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.load(error)
+    return get(request, TIMEOUT_S)
 
 
 @pytest.mark.slow
