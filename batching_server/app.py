@@ -93,6 +93,7 @@ def create_app(
         weights=settings.model.weights,
         max_image_pixels=settings.limits.max_image_pixels,
         jpeg_draft=settings.preprocess.jpeg_draft,
+        fast_resize=settings.preprocess.fast_resize,
     )
     app.add_routes(ROUTES)
     if not settings.metrics.port:

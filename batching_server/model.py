@@ -151,8 +151,8 @@ class Classifier:
         self.compiled = compile
         self.batch_sizes = tuple(batch_sizes)
         self.labels = LABELS
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.module = module.eval().to(device).to(memory_format=memory_format)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.module = module.eval().to(device).to(memory_format=self.memory_format)
         self._run: Any = self.module
         if compile:
             shapes = len(warmup_sizes(max_batch_size, self.batch_sizes))
@@ -176,7 +176,8 @@ class Classifier:
         size = pixels.shape[0]
         padded = padded_size(size, self.batch_sizes)
         if padded > size:
-            pixels = torch.cat([pixels, pixels.new_zeros(padded - size, *pixels.shape[1:])])
+            padding = pixels.new_zeros(padded - size, *pixels.shape[1:])
+            pixels = torch.cat([pixels, padding.contiguous(memory_format=self.memory_format)])
         stream: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if self.device.type == "cuda":
             # Page-locked memory lets the copy overlap with work already on the GPU, and a
@@ -186,8 +187,8 @@ class Classifier:
             stream = torch.cuda.stream(self._thread_stream())
         with stream, torch.inference_mode(), autocast(self.precision, self.device):
             batch = pixels.to(self.device, non_blocking=True)
-            if self.channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last)
+            # A no-op for the preprocessor's images, which come channels-last already.
+            batch = batch.contiguous(memory_format=self.memory_format)
             logits = self._run(batch)[:size]
             return torch.softmax(logits.float(), dim=1).cpu()
 
@@ -202,7 +203,11 @@ class Classifier:
         with self._busy_lock:
             self._busy += 1
         try:
-            probabilities = self.forward(torch.stack([item.pixels for item in items]))
+            images = [item.pixels for item in items]
+            # Stacked straight into the model's layout: the preprocessor's images are
+            # channels-last already, so this is the only copy.
+            batch = torch.empty((len(images), *images[0].shape), memory_format=self.memory_format)
+            probabilities = self.forward(torch.stack(images, out=batch))
         finally:
             with self._busy_lock:
                 self._busy -= 1

@@ -230,6 +230,7 @@ class PreprocessSettings:
     """How uploads are decoded."""
 
     jpeg_draft: bool = _setting(True, _boolean, "decode JPEGs at reduced scale when large")
+    fast_resize: bool = _setting(True, _boolean, "resize on torch's uint8 kernel")
     threads: int = _setting(0, _integer(0, 256), "decode threads (0: one per core)")
 
 

@@ -59,6 +59,7 @@ def pipeline_costs(settings: dict[str, dict[str, Any]], jpegs: Sequence[bytes]) 
         weights="random",
         max_image_pixels=validated.limits.max_image_pixels,
         jpeg_draft=validated.preprocess.jpeg_draft,
+        fast_resize=validated.preprocess.fast_resize,
     )
     for jpeg in jpegs:
         preprocessor(jpeg)
@@ -69,7 +70,10 @@ def pipeline_costs(settings: dict[str, dict[str, Any]], jpegs: Sequence[bytes]) 
     try:
         torch.set_num_threads(classifier.num_threads)
         size = validated.batching.max_batch_size
-        full = torch.randn(size, 3, 224, 224)
+        # Real images, stacked into the model's layout as the server stacks them.
+        images = [preprocessor(jpegs[i % len(jpegs)]) for i in range(size)]
+        batch = torch.empty((size, *images[0].shape), memory_format=classifier.memory_format)
+        full = torch.stack(images, out=batch)
         single = full[:1].clone()
         for batch in (full, single, full, single):  # compile both shapes, then warm caches
             classifier.forward(batch)

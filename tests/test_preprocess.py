@@ -1,10 +1,12 @@
-"""Preprocessor: torchvision's exact transform, EXIF orientation, every mode, limits, bad bytes."""
+"""Preprocessor: torchvision's transform (exact, or within one level on the fast path), EXIF
+orientation, every mode, limits, bad bytes."""
 
 from __future__ import annotations
 
 import io
 import struct
 import zlib
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,10 +25,18 @@ V2 = ResNet50_Weights.IMAGENET1K_V2.transforms()
 
 
 def preprocessor(
-    weights: str = "random", max_image_pixels: int = 50_000_000, jpeg_draft: bool = False
+    weights: str = "random",
+    max_image_pixels: int = 50_000_000,
+    jpeg_draft: bool = False,
+    fast_resize: bool = False,
 ) -> Preprocessor:
-    """Full decode by default: the exact path, compared bit for bit with torchvision."""
-    return Preprocessor(weights=weights, max_image_pixels=max_image_pixels, jpeg_draft=jpeg_draft)
+    """Full decode, torchvision's resize by default: compared bit for bit with torchvision."""
+    return Preprocessor(
+        weights=weights,
+        max_image_pixels=max_image_pixels,
+        jpeg_draft=jpeg_draft,
+        fast_resize=fast_resize,
+    )
 
 
 def pil(data: bytes) -> Image.Image:
@@ -307,3 +317,106 @@ def test_draft_stays_close_to_the_reference(
         assert deviation.max() < 0.3
         drafted_top = classifier.forward(drafted[None]).argmax()
         assert drafted_top == classifier.forward(reference[None]).argmax()
+
+
+# --- the uint8 resize fast path ----------------------------------------------------------------
+
+# One level of one 8-bit channel, normalised: 1 / (255 * smallest std), plus float rounding.
+ONE_LEVEL = 1 / (255 * min(V2.std)) + 1e-5
+
+
+def noise_image(width: int, height: int) -> Image.Image:
+    """Random pixels: every rounding difference between two resizers shows."""
+    values = np.random.default_rng(width * height).integers(0, 256, (height, width, 3))
+    return Image.fromarray(values.astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    "size",
+    [(500, 375), (375, 500), (16, 16), (224, 224), (233, 232), (231, 920), (1001, 4003)],
+    ids=str,
+)
+def test_fast_resize_is_within_one_level_of_torchvision(size: tuple[int, int]) -> None:
+    """Odd sizes too: truncated long sides, upsampling, no resize at all, tall and wide."""
+    data = encode(noise_image(*size), "PNG")
+    tensor = preprocessor(fast_resize=True)(data)
+    reference = V2(pil(data))
+    assert_model_input(tensor)
+    deviation = (tensor - reference).abs()
+    assert float(deviation.max()) <= ONE_LEVEL
+    assert float(deviation.mean()) < ONE_LEVEL / 4  # most values are identical
+
+
+@pytest.mark.parametrize("weights", ["IMAGENET1K_V1", "IMAGENET1K_V2"])
+def test_fast_resize_follows_the_weights_transform(weights: str) -> None:
+    data = photo_bytes("coffee.png")
+    reference = ResNet50_Weights[weights].transforms()(pil(data))
+    tensor = preprocessor(weights, fast_resize=True)(data)
+    assert float((tensor - reference).abs().max()) <= ONE_LEVEL
+
+
+def test_fast_resize_is_channels_last() -> None:
+    """The model's layout: stacking a batch is then a plain copy, not a transpose."""
+    assert preprocessor(fast_resize=True)(photo_bytes()).stride() == (1, 224 * 3, 3)
+
+
+@pytest.mark.slow
+def test_fast_resize_keeps_the_top_1(classifier: Classifier) -> None:
+    fast = preprocessor(fast_resize=True)
+    for name in PHOTOS:
+        data = photo_bytes(name)
+        reference = V2(pil(data))
+        got, want = classifier.forward(fast(data)[None]), classifier.forward(reference[None])
+        assert got.argmax() == want.argmax()
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
+
+
+def strip_png() -> tuple[Image.Image, bytes]:
+    """1x200000 pixels in a few hundred KB: resized in full, 232 x 46 million pixels."""
+    strip = noise_image(200_000, 1)
+    data = encode(strip, "PNG")
+    assert len(data) < 1_000_000
+    return strip, data
+
+
+def test_extreme_aspect_ratios_are_cropped_before_the_fast_resize(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    strip, data = strip_png()
+    resized: list[tuple[int, ...]] = []
+    interpolate = torch.nn.functional.interpolate
+
+    def recording(*args: Any, **kwargs: Any) -> torch.Tensor:
+        result = interpolate(*args, **kwargs)
+        resized.append(tuple(result.shape))
+        return result
+
+    monkeypatch.setattr(torch.nn.functional, "interpolate", recording)
+    tensor = preprocessor(fast_resize=True)(data)
+    assert_model_input(tensor)
+    assert resized == [(1, 3, 232, 4 * 232)]
+    # What is kept is the middle: the centre 4:1 of the strip, transformed as usual.
+    middle = strip.crop((100_000 - 2, 0, 100_000 + 2, 1))
+    assert float((tensor - V2(middle)).abs().max()) <= ONE_LEVEL
+
+
+def test_extreme_aspect_ratios_are_cropped_before_torchvision_resizes() -> None:
+    strip, data = strip_png()
+    server = preprocessor()
+    reference = server.transform
+    given: list[tuple[int, int]] = []
+
+    def recording(image: Image.Image) -> torch.Tensor:
+        given.append(image.size)
+        result: torch.Tensor = reference(image)
+        return result
+
+    server.transform = recording  # type: ignore[assignment]
+    tensor = server(data)
+    assert given == [(4, 1)]
+    assert torch.equal(tensor, V2(strip.crop((100_000 - 2, 0, 100_000 + 2, 1))))
+
+
+def test_four_to_one_panoramas_are_untouched() -> None:
+    data = encode(noise_image(1200, 300), "PNG")
+    assert torch.equal(preprocessor()(data), V2(pil(data)))
