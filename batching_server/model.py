@@ -175,22 +175,28 @@ class Classifier:
         """
         size = pixels.shape[0]
         padded = padded_size(size, self.batch_sizes)
-        if padded > size:
-            padding = pixels.new_zeros(padded - size, *pixels.shape[1:])
-            pixels = torch.cat([pixels, padding.contiguous(memory_format=self.memory_format)])
-        stream: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        if self.device.type == "cuda":
-            # Page-locked memory lets the copy overlap with work already on the GPU, and a
-            # stream per model thread lets one batch's copy run beside another's kernels: on
-            # the shared default stream, two model threads only queue behind each other.
-            pixels = pixels.pin_memory()
-            stream = torch.cuda.stream(self._thread_stream())
-        with stream, torch.inference_mode(), autocast(self.precision, self.device):
-            batch = pixels.to(self.device, non_blocking=True)
-            # A no-op for the preprocessor's images, which come channels-last already.
-            batch = batch.contiguous(memory_format=self.memory_format)
-            logits = self._run(batch)[:size]
-            return torch.softmax(logits.float(), dim=1).cpu()
+        # Inference mode throughout: compiled graphs guard on the input's dispatch keys, and
+        # a batch made outside it would miss every warm-up graph and recompile (seconds).
+        with torch.inference_mode():
+            if padded > size:
+                padding = pixels.new_zeros(padded - size, *pixels.shape[1:])
+                pixels = torch.cat([pixels, padding.contiguous(memory_format=self.memory_format)])
+            stream: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+            if self.device.type == "cuda":
+                # Page-locked memory lets the copy overlap with work already on the GPU, and
+                # a stream per model thread lets one batch's copy run beside another's
+                # kernels: on the shared default stream, two model threads only queue behind
+                # each other.
+                pixels = pixels.pin_memory()
+                stream = torch.cuda.stream(self._thread_stream())
+            with stream, autocast(self.precision, self.device):
+                batch = pixels.to(self.device, non_blocking=True)
+                # A no-op for the preprocessor's images, which come channels-last already.
+                batch = batch.contiguous(memory_format=self.memory_format)
+                if not batch.is_inference():
+                    batch = batch.clone()  # only for callers outside the server
+                logits = self._run(batch)[:size]
+                return torch.softmax(logits.float(), dim=1).cpu()
 
     def _thread_stream(self) -> torch.cuda.Stream:
         stream: torch.cuda.Stream | None = getattr(self._local, "stream", None)
@@ -204,10 +210,13 @@ class Classifier:
             self._busy += 1
         try:
             images = [item.pixels for item in items]
-            # Stacked straight into the model's layout: the preprocessor's images are
-            # channels-last already, so this is the only copy.
-            batch = torch.empty((len(images), *images[0].shape), memory_format=self.memory_format)
-            probabilities = self.forward(torch.stack(images, out=batch))
+            with torch.inference_mode():
+                # Stacked straight into the model's layout: the preprocessor's images are
+                # channels-last already, so this is the only copy.
+                shape = (len(images), *images[0].shape)
+                batch = torch.empty(shape, memory_format=self.memory_format)
+                torch.stack(images, out=batch)
+            probabilities = self.forward(batch)
         finally:
             with self._busy_lock:
                 self._busy -= 1
