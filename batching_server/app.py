@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
-import torch
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from opentelemetry import trace
@@ -43,6 +43,7 @@ from .model import MODEL_NAME, Classifier, default_thread_count, load_classifier
 from .preprocess import Preprocessor
 from .readiness import ExitCode, Readiness
 from .settings import Settings
+from .threads import configure_worker_thread
 from .tracing import create_tracer_provider, server_span_middleware, traced_batch_function
 from .watchdog import StallWatchdog
 
@@ -134,8 +135,11 @@ async def _preprocess_pool_ctx(app: web.Application) -> AsyncIterator[None]:
         thread_name_prefix="preprocess",
         # One torch thread per worker: the pool already spreads images over the cores, and
         # more would fight the model thread for them.
-        initializer=torch.set_num_threads,
-        initargs=(1,),
+        initializer=functools.partial(
+            configure_worker_thread,
+            torch_threads=1,
+            niceness=app[SETTINGS].server.worker_niceness,
+        ),
     )
     app[PREPROCESS_POOL] = pool
     yield
@@ -153,7 +157,10 @@ def _model_ctx(
             classifier = injected
         else:
             classifier = await asyncio.to_thread(
-                load_classifier, settings.model, batching=settings.batching
+                load_classifier,
+                settings.model,
+                batching=settings.batching,
+                niceness=settings.server.worker_niceness,
             )
         app[CLASSIFIER] = classifier
         app[METRICS].describe_model(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import os
 import sys
 import threading
@@ -26,6 +27,7 @@ from .acceleration import autocast, choose_precision, compile_module, padded_siz
 from .batcher import BatchInfo
 from .errors import ModelLoadError
 from .settings import BatchingSettings, ModelSettings
+from .threads import configure_worker_thread
 
 __all__ = ["LABELS", "Classifier", "ImageInput", "load_classifier", "resolve_device"]
 
@@ -119,11 +121,6 @@ def _load_module(weights: str, seed: int) -> nn.Module:
     return module
 
 
-def _configure_thread(num_threads: int) -> None:
-    # With OpenMP the thread count is per calling thread: set it in the thread that runs.
-    torch.set_num_threads(num_threads)
-
-
 class Classifier:
     """ResNet-50 behind its own executor thread, so forward passes never block the loop."""
 
@@ -142,6 +139,7 @@ class Classifier:
         batch_sizes: Sequence[int] = (),
         max_batch_size: int = 1,
         max_concurrent_batches: int = 1,
+        niceness: int = 0,
     ) -> None:
         self.device = device
         self.weights = weights
@@ -163,8 +161,9 @@ class Classifier:
         self._executor = ThreadPoolExecutor(
             max_workers=max_concurrent_batches,
             thread_name_prefix="model",
-            initializer=_configure_thread,
-            initargs=(num_threads,),
+            initializer=functools.partial(
+                configure_worker_thread, torch_threads=num_threads, niceness=niceness
+            ),
         )
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -280,8 +279,12 @@ def load_classifier(
     settings: ModelSettings,
     *,
     batching: BatchingSettings | None = None,
+    niceness: int = 0,
 ) -> Classifier:
-    """Load ResNet-50 as ``settings`` say; raises ``ModelLoadError`` with the fix."""
+    """Load ResNet-50 as ``settings`` say; raises ``ModelLoadError`` with the fix.
+
+    ``niceness`` is added to the model thread's (see ``server.worker_niceness``).
+    """
     batching = batching or BatchingSettings()
     device = resolve_device(settings.device)
     precision, why = choose_precision(settings.precision, device)
@@ -302,6 +305,7 @@ def load_classifier(
         batch_sizes=batching.batch_sizes,
         max_batch_size=batching.max_batch_size,
         max_concurrent_batches=batching.max_concurrent_batches,
+        niceness=niceness,
     )
     log.info(
         "model_loaded",

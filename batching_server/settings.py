@@ -166,6 +166,9 @@ class ServerSettings:
     graceful_shutdown_timeout_s: float = _setting(
         30.0, _number(0, 3600), "time to finish accepted requests after SIGTERM"
     )
+    worker_niceness: int = _setting(
+        10, _integer(0, 19), "added to the decode and model threads' nice value (Linux)"
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
