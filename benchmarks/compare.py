@@ -1,7 +1,8 @@
 """Seed-style server against the tuned one, in one run, on the same images and machine.
 
 Also measures, in the same run, the pipeline bound (the model's best per-image time at the
-tuned batch size plus one image's preprocessing) and checks the performance targets.
+tuned batch size plus one image's preprocessing) right before and after each tuned load point,
+and checks the performance targets.
 
     python -m benchmarks.compare --duration 30
 """
@@ -48,56 +49,79 @@ def median_seconds(fn: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def pipeline_costs(settings: dict[str, dict[str, Any]], jpegs: Sequence[bytes]) -> dict[str, float]:
-    """Preprocessing per image (one thread) and the model's per-image time, in seconds."""
-    # The model's best: every core on one forward pass, whatever threads the server uses.
-    validated = settings_from_mapping(
-        {**settings, "model": {**settings["model"], "weights": "random", "num_threads": 0}}
-    )
-    torch.set_num_threads(1)
-    preprocessor = Preprocessor(
-        weights="random",
-        max_image_pixels=validated.limits.max_image_pixels,
-        jpeg_draft=validated.preprocess.jpeg_draft,
-        fast_resize=validated.preprocess.fast_resize,
-    )
-    for jpeg in jpegs:
-        preprocessor(jpeg)
-    preprocess_s = statistics.median(
-        median_seconds(lambda j=jpeg: preprocessor(j), 20) for jpeg in jpegs
-    )
-    classifier = load_classifier(validated.model, batching=validated.batching)
-    try:
-        torch.set_num_threads(classifier.num_threads)
-        size = validated.batching.max_batch_size
+class PipelineBound:
+    """The pipeline bound's costs: preprocessing per image (one thread) and the model's
+    per-image time (every core), measured as often as asked with one loaded model."""
+
+    def __init__(self, settings: dict[str, dict[str, Any]], jpegs: Sequence[bytes]) -> None:
+        # The model's best: every core on one forward pass, whatever threads the server uses.
+        validated = settings_from_mapping(
+            {**settings, "model": {**settings["model"], "weights": "random", "num_threads": 0}}
+        )
+        self.jpegs = jpegs
+        self.preprocessor = Preprocessor(
+            weights="random",
+            max_image_pixels=validated.limits.max_image_pixels,
+            jpeg_draft=validated.preprocess.jpeg_draft,
+            fast_resize=validated.preprocess.fast_resize,
+        )
+        self.classifier = load_classifier(validated.model, batching=validated.batching)
+        self.size = validated.batching.max_batch_size
         # Real images, stacked into the model's layout as the server stacks them.
-        images = [preprocessor(jpegs[i % len(jpegs)]) for i in range(size)]
-        batch = torch.empty((size, *images[0].shape), memory_format=classifier.memory_format)
-        full = torch.stack(images, out=batch)
-        single = full[:1].clone()
-        for batch in (full, single, full, single):  # compile both shapes, then warm caches
-            classifier.forward(batch)
-        batch_s = median_seconds(lambda: classifier.forward(full), 10)
-        single_s = median_seconds(lambda: classifier.forward(single), 20)
-    finally:
-        classifier.close()
-    return {
-        "preprocess_ms": preprocess_s * 1000,
-        "forward_b1_ms": single_s * 1000,
-        "forward_per_image_ms": batch_s / size * 1000,
-        "batch_size": size,
-    }
+        images = [self.preprocessor(jpegs[i % len(jpegs)]) for i in range(self.size)]
+        batch = torch.empty(
+            (self.size, *images[0].shape), memory_format=self.classifier.memory_format
+        )
+        self.full = torch.stack(images, out=batch)
+        self.single = self.full[:1].clone()
+        torch.set_num_threads(self.classifier.num_threads)
+        for pixels in (self.full, self.single):  # compile both shapes
+            self.classifier.forward(pixels)
+
+    def measure(self) -> dict[str, float]:
+        """The costs now, in ms (this CPU's speed drifts: measure next to what they bound)."""
+        torch.set_num_threads(1)
+        for jpeg in self.jpegs:
+            self.preprocessor(jpeg)
+        preprocess_s = statistics.median(
+            median_seconds(lambda j=jpeg: self.preprocessor(j), 20) for jpeg in self.jpegs
+        )
+        torch.set_num_threads(self.classifier.num_threads)  # the thread count it compiled for
+        for pixels in (self.full, self.single):  # warm caches
+            self.classifier.forward(pixels)
+        batch_s = median_seconds(lambda: self.classifier.forward(self.full), 10)
+        single_s = median_seconds(lambda: self.classifier.forward(self.single), 20)
+        return {
+            "preprocess_ms": preprocess_s * 1000,
+            "forward_b1_ms": single_s * 1000,
+            "forward_per_image_ms": batch_s / self.size * 1000,
+            "batch_size": self.size,
+        }
+
+    def close(self) -> None:
+        self.classifier.close()
+
+
+def lower(*costs: dict[str, float]) -> dict[str, float]:
+    """Each cost at its lowest: the bound must not be a slow moment's (that would flatter)."""
+    return {key: min(cost[key] for cost in costs) for key in costs[0]}
 
 
 async def serve_and_load(
     settings: dict[str, dict[str, Any]],
     bodies: Sequence[tuple[bytes, str]],
     args: argparse.Namespace,
-) -> dict[str, dict[str, Any]]:
+    bound: PipelineBound | None = None,
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, float]]]:
+    """Each load point, and (with ``bound``) the bound's costs before, between and after."""
     out = {}
+    costs = []
     async with server_process(settings) as url:
         await measure(url, bodies, concurrency=4, duration_s=3)  # untimed warm-up
         for concurrency in args.concurrency:
+            if bound is not None:  # the server idles meanwhile: the same cores, to itself
+                costs.append(await asyncio.to_thread(bound.measure))
+                print(f"  bound's costs: {costs[-1]}", flush=True)
             out[f"c{concurrency}"] = await measure(
                 url, bodies, concurrency=concurrency, duration_s=args.duration
             )
@@ -105,15 +129,23 @@ async def serve_and_load(
                 f"  c={concurrency}: {out[f'c{concurrency}']['throughput']:.1f} images/s",
                 flush=True,
             )
-    return out
+        if bound is not None:
+            costs.append(await asyncio.to_thread(bound.measure))
+            print(f"  bound's costs: {costs[-1]}", flush=True)
+    return out, costs
 
 
 def targets(
-    seed: dict[str, Any], tuned: dict[str, Any], costs: dict[str, float], max_wait_ms: float
+    seed: dict[str, Any],
+    tuned: dict[str, Any],
+    high_costs: dict[str, float],
+    low_costs: dict[str, float],
+    max_wait_ms: float,
 ) -> list[dict[str, Any]]:
+    """Each target against the bound's costs measured just before and after its load point."""
     high, low = tuned["c32"], tuned["c1"]
-    bound = 1000 / (costs["forward_per_image_ms"] + costs["preprocess_ms"])
-    latency_budget = costs["preprocess_ms"] + costs["forward_b1_ms"] + max_wait_ms + 3
+    bound = 1000 / (high_costs["forward_per_image_ms"] + high_costs["preprocess_ms"])
+    latency_budget = low_costs["preprocess_ms"] + low_costs["forward_b1_ms"] + max_wait_ms + 3
     lag = sum(r["loop_lag_samples_over_10ms"] for r in tuned.values())
     checks = [
         (
@@ -141,26 +173,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     jpegs = sample_jpegs()
     bodies = [multipart(jpeg) for jpeg in jpegs]
     tuned_settings = with_overrides(TUNED, args.set)
-    # The bound is measured before and after the servers, and each cost is the lower of
-    # the two: this CPU's speed drifts over minutes, and the bound must not be a slow
-    # moment's (that would flatter the served/bound ratio).
-    print("measuring the pipeline bound (model alone, preprocessing alone)...", flush=True)
-    before = await asyncio.to_thread(pipeline_costs, tuned_settings, jpegs)
-    print(f"  {before}", flush=True)
     print("seed-style server:", flush=True)
-    seed = await serve_and_load(SEED, bodies, args)
-    print("tuned server:", flush=True)
-    tuned = await serve_and_load(tuned_settings, bodies, args)
-    print("measuring the pipeline bound again...", flush=True)
-    after = await asyncio.to_thread(pipeline_costs, tuned_settings, jpegs)
-    print(f"  {after}", flush=True)
-    costs = {key: min(before[key], after[key]) for key in before}
-    checks = targets(seed, tuned, costs, tuned_settings["batching"]["max_wait_ms"])
+    seed, _ = await serve_and_load(SEED, bodies, args)
+    print("loading the model for the pipeline bound...", flush=True)
+    bound = await asyncio.to_thread(PipelineBound, tuned_settings, jpegs)
+    try:
+        print("tuned server, with the bound's costs measured around each point:", flush=True)
+        tuned, costs = await serve_and_load(tuned_settings, bodies, args, bound)
+    finally:
+        bound.close()
+    # costs[0] before c=32, costs[1] between c=32 and c=1, costs[2] after c=1. This CPU's
+    # speed drifts by up to ~2x over minutes: the bound must come from the same minute.
+    high_costs, low_costs = lower(costs[0], costs[1]), lower(costs[1], costs[2])
+    checks = targets(seed, tuned, high_costs, low_costs, tuned_settings["batching"]["max_wait_ms"])
     return {
         "machine": machine(),
         "settings": {"seed": SEED, "tuned": tuned_settings},
-        "costs": costs,
-        "costs_measured": {"before": before, "after": after},
+        "costs": {"c32": high_costs, "c1": low_costs},
+        "costs_measured": costs,
         "seed": seed,
         "tuned": tuned,
         "targets": checks,
