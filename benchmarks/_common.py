@@ -207,6 +207,16 @@ def histogram_delta(
     return counts
 
 
+def histogram_mean(before: Mapping[Any, float], after: Mapping[Any, float], name: str) -> float:
+    """Mean of ``name``'s observations between two scrapes (summed over labels); NaN if none."""
+
+    def total(samples: Mapping[Any, float], suffix: str) -> float:
+        return sum(v for (metric, _), v in samples.items() if metric == f"{name}_{suffix}")
+
+    count = total(after, "count") - total(before, "count")
+    return (total(after, "sum") - total(before, "sum")) / count if count else float("nan")
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0-100) by linear interpolation; NaN for no values."""
     if not values:

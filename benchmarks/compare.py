@@ -209,7 +209,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("seed", "tuned"):
         for point, result in payload[name].items():
             rows.append({"server": name, "point": point, **result})
-    print(table(rows, ("server", "point", "throughput", "p50_ms", "p99_ms", "mean_batch")))
+    columns = (
+        "server",
+        "point",
+        "throughput",
+        "p50_ms",
+        "p99_ms",
+        "mean_batch",
+        "server_forward_ms",
+    )
+    print(table(rows, columns))
     ratio = payload["tuned"]["c32"]["throughput"] / payload["seed"]["c32"]["throughput"]
     print(f"\ntuned / seed-style throughput at concurrency 32: {ratio:.2f}x\n")
     print(table(payload["targets"], ("target", "measured", "goal", "met")))

@@ -23,6 +23,7 @@ import aiohttp
 from benchmarks._common import (
     RESULTS,
     histogram_delta,
+    histogram_mean,
     machine,
     multipart,
     percentile,
@@ -168,6 +169,12 @@ def summarise(
         },
         "loop_lag_samples_over_10ms": int(lag_over_10ms),
         "loop_lag_worst_bucket_s": worst_lag,
+        # The server's own view: a forward pass and a preprocessing under this load, to set
+        # against their times alone (benchmarks.compare measures those next to its points).
+        "server_forward_ms": 1000
+        * histogram_mean(before, after, "model_inference_duration_seconds"),
+        "server_preprocess_ms": 1000
+        * histogram_mean(before, after, "image_preprocess_duration_seconds"),
     }
 
 
