@@ -121,12 +121,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 class _FastTransform:
-    """torchvision's ``ImageClassification`` on torch's uint8 resize kernel.
+    """torchvision's ``ImageClassification`` on torch's uint8 antialiased resize kernel.
 
-    torchvision casts uint8 images to float before resizing on AVX-512 CPUs (it keeps uint8
-    only where the CPU reports AVX2), and that float resize is about 5x slower than torch's
-    own uint8 antialiased one. Each pixel stays within one level of the reference before
-    normalisation (tested). The result has channels-last strides, as the model wants it.
+    torchvision resizes a Pillow image with Pillow, then converts, crops and normalises in
+    separate passes; torch's uint8 kernel and one multiply-add are several times faster
+    (``python -m benchmarks.preprocess``). Each value stays within one 8-bit level of the
+    reference (tested). The result has channels-last strides, as the model wants it.
     """
 
     def __init__(self, *, resize: int, crop: int, mean: list[float], std: list[float]) -> None:
@@ -202,10 +202,14 @@ class Preprocessor:
         """Decode to an upright RGB image, enforcing the pixel limit before decoding."""
         return _to_rgb(_orient(_open(data, self.max_image_pixels, self.draft_size)))
 
-    def __call__(self, data: bytes) -> torch.Tensor:
-        """Decode and transform; raises ``BadImageError`` or ``ImageTooLargeError``."""
-        image = _limit_aspect(self.decode(data))
+    def to_tensor(self, image: Image.Image) -> torch.Tensor:
+        """The model input for a decoded RGB image."""
+        image = _limit_aspect(image)
         if self._fast is not None:
             return self._fast(image)
         tensor: torch.Tensor = self.transform(image)
         return tensor
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        """Decode and transform; raises ``BadImageError`` or ``ImageTooLargeError``."""
+        return self.to_tensor(self.decode(data))

@@ -35,7 +35,7 @@ def camera_jpeg(name: str, size: tuple[int, int], quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def best_ms(fn: Any, data: bytes, repeats: int) -> tuple[float, float]:
+def best_ms(fn: Any, data: Any, repeats: int) -> tuple[float, float]:
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -79,10 +79,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "max_abs": round(float(deviation.max()), 3),
                 }
             )
+    # Where a small image's time goes: the decode, then the transform of the decoded image.
+    stages = []
+    server, reference = variants["server"], variants["reference"]
+    for name in PHOTOS[:3]:
+        data = camera_jpeg(name, (500, 375), 90)
+        decoded = server.decode(data)
+        stages.append(
+            {
+                "image": f"500x375 q90 {name}",
+                "decode_ms": best_ms(server.decode, data, args.repeats)[1],
+                "torchvision_transform_ms": best_ms(reference.to_tensor, decoded, args.repeats)[1],
+                "fast_transform_ms": best_ms(server.to_tensor, decoded, args.repeats)[1],
+            }
+        )
     columns = ("image", "kbytes", "reference_ms", "draft_ms", "server_ms", "speedup", "mae")
     shown = [{**r, "mae": f"{r['mae']:.4f}", "max_abs": f"{r['max_abs']:.3f}"} for r in rows]
     print(table(shown, (*columns, "max_abs")))
-    write_json(args.out, {"machine": machine(), "rows": rows})
+    print()
+    print(table(stages, ("image", "decode_ms", "torchvision_transform_ms", "fast_transform_ms")))
+    write_json(args.out, {"machine": machine(), "rows": rows, "stages": stages})
     return 0
 
 
