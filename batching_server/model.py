@@ -203,19 +203,20 @@ class Classifier:
             stream = self._local.stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
         return stream
 
+    def stack(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """One batch of (3, 224, 224) images, in the model's memory layout."""
+        with torch.inference_mode():
+            # Stacked straight into the model's layout: the preprocessor's images are
+            # channels-last already, so this is the only copy.
+            batch = torch.empty((len(images), *images[0].shape), memory_format=self.memory_format)
+            return torch.stack(images, out=batch)
+
     def _forward_inputs(self, items: Sequence[ImageInput]) -> list[torch.Tensor]:
         started = time.perf_counter()
         with self._busy_lock:
             self._busy += 1
         try:
-            images = [item.pixels for item in items]
-            with torch.inference_mode():
-                # Stacked straight into the model's layout: the preprocessor's images are
-                # channels-last already, so this is the only copy.
-                shape = (len(images), *images[0].shape)
-                batch = torch.empty(shape, memory_format=self.memory_format)
-                torch.stack(images, out=batch)
-            probabilities = self.forward(batch)
+            probabilities = self.forward(self.stack([item.pixels for item in items]))
         finally:
             with self._busy_lock:
                 self._busy -= 1

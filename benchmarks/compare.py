@@ -67,12 +67,9 @@ class PipelineBound:
         )
         self.classifier = load_classifier(validated.model, batching=validated.batching)
         self.size = validated.batching.max_batch_size
-        # Real images, stacked into the model's layout as the server stacks them.
+        # Real images, stacked as the server stacks them.
         images = [self.preprocessor(jpegs[i % len(jpegs)]) for i in range(self.size)]
-        batch = torch.empty(
-            (self.size, *images[0].shape), memory_format=self.classifier.memory_format
-        )
-        self.full = torch.stack(images, out=batch)
+        self.full = self.classifier.stack(images)
         self.single = self.full[:1].clone()
         torch.set_num_threads(self.classifier.num_threads)
         for pixels in (self.full, self.single):  # compile both shapes

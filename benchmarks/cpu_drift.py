@@ -43,30 +43,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = torch.randn(SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     cpus = sorted(os.sched_getaffinity(0))
     rows = []
+    times: dict[int, list[float]] = {cpu: [] for cpu in cpus}
     try:
         for round_ in range(args.rounds):
             row: dict[str, object] = {"round": round_, "time": time.strftime("%H:%M:%S")}
             for cpu in cpus:
                 os.sched_setaffinity(0, {cpu})
-                row[f"cpu{cpu}_ms"] = timed_ms(work, 3)
+                times[cpu].append(timed_ms(work, 3))
+                row[f"cpu{cpu}_ms"] = times[cpu][-1]
             rows.append(row)
-            time.sleep(args.pause)
+            time.sleep(args.pause)  # spread the rounds over time: drift is the measurement
     finally:
         os.sched_setaffinity(0, cpus)
     columns = ("round", "time", *(f"cpu{cpu}_ms" for cpu in cpus))
     print(table(rows, columns))
-    summary = []
-    for cpu in cpus:
-        values = [float(str(row[f"cpu{cpu}_ms"])) for row in rows]
-        summary.append(
-            {
-                "cpu": cpu,
-                "fastest_ms": min(values),
-                "median_ms": statistics.median(values),
-                "slowest_ms": max(values),
-                "slowest/fastest": max(values) / min(values),
-            }
-        )
+    summary = [
+        {
+            "cpu": cpu,
+            "fastest_ms": min(values),
+            "median_ms": statistics.median(values),
+            "slowest_ms": max(values),
+            "slowest/fastest": max(values) / min(values),
+        }
+        for cpu, values in times.items()
+    ]
     print()
     print(table(summary, ("cpu", "fastest_ms", "median_ms", "slowest_ms", "slowest/fastest")))
     write_json(args.out, {"machine": machine(), "rounds": rows, "summary": summary})

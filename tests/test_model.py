@@ -162,3 +162,19 @@ def test_cuda_without_a_gpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ModelLoadError, match="no CUDA device"):
         resolve_device("cuda")
     assert resolve_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_stack_builds_an_inference_batch_in_the_model_layout(channels_last: bool) -> None:
+    """The batch a compiled graph was warmed for: its layout, made in inference mode."""
+    settings = make_settings(model={"channels_last": channels_last})
+    loaded = load_classifier(settings.model)
+    try:
+        preprocessor = Preprocessor(weights="random", max_image_pixels=10**8)
+        images = [preprocessor(photo_bytes(name)) for name in PHOTOS[:3]]
+        batch = loaded.stack(images)
+        assert torch.equal(batch, torch.stack(images))
+        assert batch.is_contiguous(memory_format=loaded.memory_format)
+        assert batch.is_inference()
+    finally:
+        loaded.close()
