@@ -70,8 +70,13 @@ def warmup_sizes(max_batch_size: int, batch_sizes: Sequence[int]) -> list[int]:
     return sorted({padded_size(n, batch_sizes) for n in range(1, max_batch_size + 1)})
 
 
-def compile_module(module: nn.Module, *, shapes: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``torch.compile`` with inductor and weight freezing, one static graph per batch shape."""
+def compile_module(
+    module: nn.Module, *, shapes: int, cpp_wrapper: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.compile`` with inductor and weight freezing, one static graph per batch shape.
+
+    ``cpp_wrapper`` runs each graph from C++ without the GIL (for CPU graphs).
+    """
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
@@ -91,7 +96,13 @@ def compile_module(module: nn.Module, *, shapes: int) -> Callable[[torch.Tensor]
         # graph was built without freezing and ran about 2x slower. So the config goes
         # around every call, in whichever thread and context makes it. Freezing folds batch
         # norm into the convolutions and pre-packs weights for oneDNN (inference only).
-        with inductor_config.patch(freezing=True), dynamo_config.patch(limits):
+        # Python's wrapper calls each fused CPU kernel holding the GIL, so a forward pass
+        # in one thread stalls the event loop and any other model thread for milliseconds
+        # at a time; the C++ wrapper releases the GIL for the whole graph.
+        with (
+            inductor_config.patch(freezing=True, cpp_wrapper=cpp_wrapper),
+            dynamo_config.patch(limits),
+        ):
             result: torch.Tensor = compiled(batch)
         return result
 

@@ -39,11 +39,11 @@ from .errors import ModelStalledError
 from .handlers import METRICS_ROUTES, ROUTES
 from .metrics import ServiceMetrics
 from .middlewares import request_context_middleware
-from .model import MODEL_NAME, Classifier, default_thread_count, load_classifier
+from .model import MODEL_NAME, Classifier, load_classifier
 from .preprocess import Preprocessor
 from .readiness import ExitCode, Readiness
 from .settings import Settings
-from .threads import configure_worker_thread
+from .threads import available_cores, configure_worker_thread, plan_threads
 from .tracing import create_tracer_provider, server_span_middleware, traced_batch_function
 from .watchdog import StallWatchdog
 
@@ -131,7 +131,7 @@ async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _preprocess_pool_ctx(app: web.Application) -> AsyncIterator[None]:
     # Decoding is CPU-bound and releases the GIL: one thread per core keeps every core busy.
     pool = ThreadPoolExecutor(
-        max_workers=app[SETTINGS].preprocess.threads or default_thread_count(),
+        max_workers=app[SETTINGS].preprocess.threads or available_cores(),
         thread_name_prefix="preprocess",
         # One torch thread per worker: the pool already spreads images over the cores, and
         # more would fight the model thread for them.
@@ -205,8 +205,15 @@ async def _warm_up(app: web.Application, classifier: Classifier) -> None:
 
 
 async def _batcher_ctx(app: web.Application) -> AsyncIterator[None]:
-    batching = app[SETTINGS].batching
+    settings = app[SETTINGS]
+    batching = settings.batching
     classifier = app[CLASSIFIER]
+    threads = plan_threads(  # as load_classifier planned the model threads
+        cores=available_cores(),
+        device_type=classifier.device.type,
+        concurrent_batches=batching.max_concurrent_batches,
+        num_threads=settings.model.num_threads,
+    )
     batch_fn = traced_batch_function(
         classifier.predict_batch,
         tracer=app[TRACER],
@@ -218,7 +225,7 @@ async def _batcher_ctx(app: web.Application) -> AsyncIterator[None]:
         max_batch_size=batching.max_batch_size,
         max_wait_s=batching.max_wait_ms / 1000,
         max_queue_size=batching.max_queue_size,
-        max_concurrent_batches=batching.max_concurrent_batches,
+        max_concurrent_batches=threads.concurrent_batches,
         observer=app[METRICS],
         dispatch_when_idle=batching.dispatch_when_idle,
     )

@@ -177,6 +177,7 @@ class Batcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_size = max_queue_size
+        self.max_concurrent_batches = max_concurrent_batches
         self._clock = clock
         self._observer: BatcherObserver = observer or _NullObserver()
         self._queue: deque[_Pending[T, R]] = deque()

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import contextvars
 import functools
-import os
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ from .acceleration import autocast, choose_precision, compile_module, padded_siz
 from .batcher import BatchInfo
 from .errors import ModelLoadError
 from .settings import BatchingSettings, ModelSettings
-from .threads import configure_worker_thread
+from .threads import ThreadPlan, available_cores, configure_worker_thread, plan_threads
 
 __all__ = ["LABELS", "Classifier", "ImageInput", "load_classifier", "resolve_device"]
 
@@ -46,11 +45,6 @@ class ImageInput:
     pixels: torch.Tensor  # (3, 224, 224) float32, normalised
     request_id: str
     span_context: SpanContext | None = None  # the request's span, linked from the batch span
-
-
-def default_thread_count() -> int:
-    """Cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -132,18 +126,18 @@ class Classifier:
         module: nn.Module,
         device: torch.device,
         weights: str,
-        num_threads: int,
+        threads: ThreadPlan,
         precision: str = "fp32",
         channels_last: bool = False,
         compile: bool = False,
         batch_sizes: Sequence[int] = (),
         max_batch_size: int = 1,
-        max_concurrent_batches: int = 1,
         niceness: int = 0,
     ) -> None:
         self.device = device
         self.weights = weights
-        self.num_threads = num_threads
+        self.threads = threads
+        self.num_threads = threads.threads
         self.precision = precision
         self.channels_last = channels_last
         self.compiled = compile
@@ -152,26 +146,42 @@ class Classifier:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.module = module.eval().to(device).to(memory_format=self.memory_format)
         self._run: Any = self.module
+        # A one-image batch on every core is one more compiled graph: dynamo guards on the
+        # thread count.
+        self._solo = threads.solo_threads != threads.threads and padded_size(1, batch_sizes) == 1
         if compile:
-            shapes = len(warmup_sizes(max_batch_size, self.batch_sizes))
-            self._run = compile_module(self.module, shapes=shapes)
+            shapes = len(warmup_sizes(max_batch_size, self.batch_sizes)) + self._solo
+            self._run = compile_module(self.module, shapes=shapes, cpp_wrapper=device.type == "cpu")
         self._local = threading.local()
         self._busy = 0  # forward passes running now; a stalled one never ends
         self._busy_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(
-            max_workers=max_concurrent_batches,
+            max_workers=threads.concurrent_batches,
             thread_name_prefix="model",
             initializer=functools.partial(
-                configure_worker_thread, torch_threads=num_threads, niceness=niceness
+                configure_worker_thread, torch_threads=threads.threads, niceness=niceness
             ),
         )
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, *, threads: int | None = None) -> torch.Tensor:
         """Class probabilities (N, 1000) on the CPU for a (N, 3, 224, 224) batch; blocking.
 
         The batch is zero-padded up to the next of ``batch_sizes``, so compiled graphs see
-        only the shapes warm-up compiled.
+        only the shapes warm-up compiled. It runs on ``threads`` torch threads (default: the
+        plan's per pass), in whichever thread calls.
         """
+        # Compiled graphs guard on the thread count too: the caller's must not leak in.
+        wanted = threads or self.threads.threads
+        previous = torch.get_num_threads()
+        if previous == wanted:
+            return self._forward(pixels)
+        torch.set_num_threads(wanted)
+        try:
+            return self._forward(pixels)
+        finally:
+            torch.set_num_threads(previous)
+
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         size = pixels.shape[0]
         padded = padded_size(size, self.batch_sizes)
         # Inference mode throughout: compiled graphs guard on the input's dispatch keys, and
@@ -214,16 +224,24 @@ class Classifier:
     def _forward_inputs(self, items: Sequence[ImageInput]) -> list[torch.Tensor]:
         started = time.perf_counter()
         with self._busy_lock:
+            alone = not self._busy
             self._busy += 1
+        threads = self.threads.solo_threads if alone and self._solo and len(items) == 1 else None
         try:
-            probabilities = self.forward(self.stack([item.pixels for item in items]))
+            probabilities = self.forward(
+                self.stack([item.pixels for item in items]), threads=threads
+            )
         finally:
             with self._busy_lock:
                 self._busy -= 1
         # Runs in the model thread, inside the caller's context: this lands on the batch span.
         trace.get_current_span().add_event(
             "forward_pass",
-            {"thread": threading.current_thread().name, "seconds": time.perf_counter() - started},
+            {
+                "thread": threading.current_thread().name,
+                "torch_threads": threads or self.threads.threads,
+                "seconds": time.perf_counter() - started,
+            },
         )
         return list(probabilities.unbind(0))
 
@@ -242,9 +260,14 @@ class Classifier:
         sizes = sorted(set(batch_sizes))
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        for size in sizes:
+        passes: list[tuple[int, int | None]] = [(size, None) for size in sizes]
+        if self._solo and 1 in sizes:
+            passes.append((1, self.threads.solo_threads))
+        for size, threads in passes:
             dummy = torch.zeros(size, 3, INPUT_SIZE, INPUT_SIZE)
-            await loop.run_in_executor(self._executor, self.forward, dummy)
+            await loop.run_in_executor(
+                self._executor, functools.partial(self.forward, dummy, threads=threads)
+            )
         return time.perf_counter() - started
 
     def top_k(self, probabilities: torch.Tensor, k: int) -> list[tuple[str, float]]:
@@ -291,7 +314,12 @@ def load_classifier(
     precision, why = choose_precision(settings.precision, device)
     if device.type == "cpu" and precision == "fp16":
         log.warning("slow_precision", precision=precision, reason="fp16 on CPU is emulated")
-    num_threads = settings.num_threads or default_thread_count()
+    threads = plan_threads(
+        cores=available_cores(),
+        device_type=device.type,
+        concurrent_batches=batching.max_concurrent_batches,
+        num_threads=settings.num_threads,
+    )
     _set_interop_threads(settings.interop_threads)
     started = time.perf_counter()
     module = _load_module(settings.weights, settings.seed)
@@ -299,13 +327,12 @@ def load_classifier(
         module=module,
         device=device,
         weights=settings.weights,
-        num_threads=num_threads,
+        threads=threads,
         precision=precision,
         channels_last=settings.channels_last,
         compile=settings.compile,
         batch_sizes=batching.batch_sizes,
         max_batch_size=batching.max_batch_size,
-        max_concurrent_batches=batching.max_concurrent_batches,
         niceness=niceness,
     )
     log.info(
@@ -317,7 +344,9 @@ def load_classifier(
         precision_reason=why,
         channels_last=settings.channels_last,
         compile=settings.compile,
-        num_threads=num_threads,
+        concurrent_batches=threads.concurrent_batches,
+        num_threads=threads.threads,
+        solo_threads=threads.solo_threads,
         load_seconds=round(time.perf_counter() - started, 3),
         parameter_bytes=sum(p.numel() * p.element_size() for p in module.parameters()),
     )

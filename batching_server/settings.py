@@ -184,7 +184,9 @@ class BatchingSettings:
         True, _boolean, "a partial batch goes at once when no request is uploading or decoding"
     )
     request_timeout_s: float = _setting(30.0, _number(0.001, 3600), "deadline of one request")
-    max_concurrent_batches: int = _setting(1, _integer(1, 16), "forward passes in flight")
+    max_concurrent_batches: int = _setting(
+        0, _integer(0, 16), "forward passes in flight (0: 2 on a CPU, 1 on a GPU)"
+    )
     batch_sizes: tuple[int, ...] = _setting(
         (), _batch_sizes, "allowed batch shapes; a batch is padded up to the next one"
     )
@@ -197,7 +199,9 @@ class ModelSettings:
     weights: str = _setting("IMAGENET1K_V2", _weights, "named weights, 'random' or a path")
     device: str = _setting("auto", _choice("auto", "cpu", "cuda"), "where the model runs")
     warmup: bool = _setting(True, _boolean, "run every batch size once before ready")
-    num_threads: int = _setting(0, _integer(0, 1024), "torch intra-op threads (0: one per core)")
+    num_threads: int = _setting(
+        0, _integer(0, 1024), "torch threads per forward pass (0: the cores shared out)"
+    )
     interop_threads: int = _setting(0, _integer(0, 1024), "torch inter-op threads (0: torch's)")
     precision: str = _setting(
         "auto", _choice("auto", "fp32", "bf16", "fp16"), "autocast precision; auto: native"

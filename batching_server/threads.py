@@ -1,17 +1,59 @@
-"""Set-up of the worker threads (decode pool, model): torch's thread count and priority."""
+"""The worker threads (decode pool, model): how many, torch's thread count, and priority."""
 
 from __future__ import annotations
 
 import os
 import sys
 import threading
+from dataclasses import dataclass
 
 import structlog
 import torch
 
-__all__ = ["configure_worker_thread", "thread_niceness"]
+__all__ = [
+    "ThreadPlan",
+    "available_cores",
+    "configure_worker_thread",
+    "plan_threads",
+    "thread_niceness",
+]
 
 log = structlog.get_logger("batching_server.threads")
+
+
+def available_cores() -> int:
+    """Cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadPlan:
+    """How forward passes share the cores."""
+
+    concurrent_batches: int  # forward passes in flight, each on its own model thread
+    threads: int  # torch threads of each forward pass
+    solo_threads: int  # of a one-image batch that starts while no other pass runs
+
+
+def plan_threads(
+    *, cores: int, device_type: str, concurrent_batches: int, num_threads: int
+) -> ThreadPlan:
+    """Resolve ``max_concurrent_batches`` and ``num_threads`` (0 means auto for both).
+
+    On a CPU, auto runs two forward passes at once, each on half the cores: one pass's
+    OpenMP team waits at every barrier for whichever of its threads was pre-empted (by a
+    decode, the event loop, or the hypervisor), leaving cores idle with work queued, while
+    two passes only share the cores. A lone one-image batch, the latency an idle server's
+    client sees, still gets every core. A GPU runs one pass at a time.
+    """
+    if not concurrent_batches:
+        concurrent_batches = 1 if device_type == "cuda" or cores < 2 else 2
+    if num_threads:  # set by hand: every pass gets exactly that
+        return ThreadPlan(concurrent_batches, num_threads, num_threads)
+    threads = max(1, cores // concurrent_batches)
+    return ThreadPlan(concurrent_batches, threads, max(threads, cores))
 
 
 def thread_niceness() -> int:

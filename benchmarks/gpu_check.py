@@ -16,7 +16,7 @@ import itertools
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,11 +188,11 @@ async def _predict_together(
 def _record_calls(classifier: Classifier) -> list[tuple[str, float, float]]:
     """Wrap ``classifier.forward`` to record (thread, start, end) of every call."""
     calls: list[tuple[str, float, float]] = []
-    forward: Callable[[torch.Tensor], torch.Tensor] = classifier.forward
+    forward = classifier.forward
 
-    def recorded(pixels: torch.Tensor) -> torch.Tensor:
+    def recorded(pixels: torch.Tensor, *, threads: int | None = None) -> torch.Tensor:
         started = time.perf_counter()
-        result = forward(pixels)
+        result = forward(pixels, threads=threads)
         calls.append((threading.current_thread().name, started, time.perf_counter()))
         return result
 

@@ -27,8 +27,9 @@ import torch
 
 from batching_server.acceleration import cpu_flags
 from batching_server.logs import configure_logging
-from batching_server.model import INPUT_SIZE, Classifier, default_thread_count, load_classifier
+from batching_server.model import INPUT_SIZE, Classifier, load_classifier
 from batching_server.settings import settings_from_mapping
+from batching_server.threads import available_cores
 
 __all__ = ["VARIANTS", "Variant", "build_classifier", "main", "measure"]
 
@@ -98,7 +99,8 @@ def build_classifier(
                 "weights": "random",
                 "device": device,
                 "warmup": False,
-                "num_threads": threads or 0,
+                # One pass in flight on exactly these threads: the model alone.
+                "num_threads": threads or available_cores(),
                 "precision": spec.precision,
                 "channels_last": spec.channels_last,
                 "compile": spec.compile,
@@ -109,6 +111,7 @@ def build_classifier(
                 "max_batch_size": sizes[-1],
                 "batch_sizes": sizes,
                 "max_queue_size": max(64, sizes[-1]),
+                "max_concurrent_batches": 1,
             },
         }
     )
@@ -181,7 +184,7 @@ def measure(
     """
     spec = VARIANTS[variant]
     device = classifier.device.type if classifier is not None else resolve_device_name(device)
-    threads = threads or default_thread_count()
+    threads = threads or available_cores()
     # forward() runs in this thread, and the OpenMP pool size is per calling thread.
     torch.set_num_threads(threads)
     owned = classifier is None
@@ -355,7 +358,7 @@ def machine_info(device: str, threads: int) -> dict[str, Any]:
     """What the numbers depend on, recorded next to them."""
     info: dict[str, Any] = {
         "cpu_model": cpu_model(),
-        "cores": default_thread_count(),
+        "cores": available_cores(),
         "threads": threads,
         "cpu_bf16_flags": sorted({"amx_bf16", "avx512_bf16"} & cpu_flags()),
         "torch": torch.__version__,
@@ -459,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available to torch; use --device cpu or auto", file=sys.stderr)
         return 2
-    threads = args.threads or default_thread_count()
+    threads = args.threads or available_cores()
     variants, skipped = choose_variants(args.variants, device)
     for skip in skipped:
         print(f"note: skipping {skip['variant']}: {skip['reason']}", file=sys.stderr)

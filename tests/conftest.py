@@ -30,7 +30,9 @@ def make_settings(**sections: dict[str, Any]) -> Settings:
             "precision": "fp32",
             "channels_last": False,
         },
-        "batching": {"max_batch_size": 8, "max_wait_ms": 5.0},
+        # One forward pass at a time: gated-model tests hold the only batch slot. How the
+        # cores are shared out among several passes has its own tests (test_threads.py).
+        "batching": {"max_batch_size": 8, "max_wait_ms": 5.0, "max_concurrent_batches": 1},
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
@@ -40,7 +42,8 @@ def make_settings(**sections: dict[str, Any]) -> Settings:
 @pytest.fixture(scope="session")
 def classifier() -> Iterator[Classifier]:
     """One seeded random ResNet-50 for the whole session (loading costs about a second)."""
-    loaded = load_classifier(make_settings().model)
+    settings = make_settings()
+    loaded = load_classifier(settings.model, batching=settings.batching)
     yield loaded
     loaded.close()
 

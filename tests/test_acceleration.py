@@ -107,27 +107,40 @@ def test_bf16_agrees_with_fp32(classifier: Classifier, photos: torch.Tensor) -> 
 async def test_compiled_model_serves_padded_batches(
     app_client: AppClient, classifier: Classifier, photos: torch.Tensor
 ) -> None:
-    """torch.compile compiles each allowed shape at warm-up, then serves the same answers."""
+    """torch.compile compiles each allowed shape at warm-up (a lone image's on every core
+    too), then serves the same answers without compiling again."""
     settings = make_settings(
         model={"compile": True, "precision": "fp32", "channels_last": True, "warmup": True},
-        batching={"max_batch_size": 2, "batch_sizes": [2], "max_wait_ms": 0.0},
+        batching={
+            "max_batch_size": 4,
+            "batch_sizes": [1, 4],
+            "max_wait_ms": 0.0,
+            "max_concurrent_batches": 2,
+        },
     )
     compiled = load_classifier(settings.model, batching=settings.batching)
     try:
         assert compiled.compiled
         client = await app_client(settings, model=compiled)  # returns after warm-up
         # Nothing served may compile again (seconds per graph): not an odd layout, not a
-        # batch built outside inference mode, not a padded one.
+        # batch built outside inference mode, not a padded one, not a lone image's.
         with torch.compiler.set_stance("fail_on_recompile"):
-            reference = classifier.forward(photos[:1])
-            got = compiled.forward(photos[:1])
+            reference = classifier.forward(photos[:3])
+            got = compiled.forward(photos[:3])  # padded to 4
             torch.testing.assert_close(got, reference, atol=1e-3, rtol=1e-3)
+            solo = compiled.forward(photos[:1], threads=compiled.threads.solo_threads)
+            torch.testing.assert_close(solo, reference[:1], atol=1e-3, rtol=1e-3)
+            upload = FormData()
+            for name in PHOTOS[:2]:
+                upload.add_field("file", photo_bytes(name), filename="photo.jpg")
+            response = await client.post("/predict", data=upload)  # a batch of 2, padded
+            assert response.status == 200
             upload = FormData()
             upload.add_field("file", photo_bytes(PHOTOS[0]), filename="photo.jpg")
-            response = await client.post("/predict", data=upload)
+            response = await client.post("/predict", data=upload)  # a lone image
             assert response.status == 200
         samples = (await (await client.get("/metrics")).text()).splitlines()
-        assert "batch_padding_images_total 1" in samples
+        assert "batch_padding_images_total 2" in samples
     finally:
         compiled.close()
 
@@ -140,7 +153,7 @@ def test_compile_freezes_in_whatever_thread_compiles() -> None:
     freezing was off in the model thread, and batch norm stayed in the compiled graph.
     """
     module = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
-    compiled = compile_module(module, shapes=1)
+    compiled = compile_module(module, shapes=1, cpp_wrapper=True)
     batch = torch.randn(2, 3, 16, 16)
 
     def compile_and_run() -> tuple[torch.Tensor, str]:
@@ -152,5 +165,7 @@ def test_compile_freezes_in_whatever_thread_compiles() -> None:
         result, code = model_thread.submit(compile_and_run).result()
     assert code  # inductor generated code for it
     assert "batch_norm" not in code  # folded into the convolution by freezing
+    # The C++ wrapper, which runs the whole graph without holding the GIL.
+    assert "gil_scoped_release" in code
     with torch.inference_mode():
         torch.testing.assert_close(result, module(batch), atol=1e-4, rtol=1e-4)

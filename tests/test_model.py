@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import urllib.error
 from pathlib import Path
 from typing import Any
@@ -11,9 +13,17 @@ import torch
 from torchvision.models import _api as torchvision_api
 from torchvision.models import resnet50
 
+from batching_server.batcher import BatchInfo
 from batching_server.errors import ModelLoadError
-from batching_server.model import LABELS, Classifier, load_classifier, resolve_device
+from batching_server.model import (
+    LABELS,
+    Classifier,
+    ImageInput,
+    load_classifier,
+    resolve_device,
+)
 from batching_server.preprocess import Preprocessor
+from batching_server.threads import ThreadPlan
 from tests.conftest import make_settings
 from tests.images import PHOTOS, photo_bytes
 
@@ -77,16 +87,19 @@ def test_random_weights_are_seeded() -> None:
 async def test_warmup_runs_every_batch_size(
     classifier: Classifier, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    seen: list[int] = []
+    seen: list[tuple[int, int | None]] = []
     real_forward = classifier.forward
 
-    def spy(pixels: torch.Tensor) -> torch.Tensor:
-        seen.append(pixels.shape[0])
-        return real_forward(pixels)
+    def spy(pixels: torch.Tensor, *, threads: int | None = None) -> torch.Tensor:
+        seen.append((pixels.shape[0], threads))
+        return real_forward(pixels, threads=threads)
 
     monkeypatch.setattr(classifier, "forward", spy)
     await classifier.warmup(range(1, 4))
-    assert seen == [1, 2, 3]
+    plan = classifier.threads
+    # and a lone image's pass on every core, where that is another thread count
+    solo = [(1, plan.solo_threads)] if plan.solo_threads != plan.threads else []
+    assert seen == [(1, None), (2, None), (3, None), *solo]
 
 
 # --- loading from a checkpoint file ---------------------------------------------------------
@@ -178,3 +191,36 @@ def test_stack_builds_an_inference_batch_in_the_model_layout(channels_last: bool
         assert batch.is_inference()
     finally:
         loaded.close()
+
+
+async def test_a_lone_single_image_gets_every_core() -> None:
+    """A one-image batch with the model otherwise idle runs on the solo thread count; beside
+    another pass, or with more images, it gets the per-pass count (the cores shared out)."""
+    plan = ThreadPlan(2, 1, 2)
+    classifier = Classifier(
+        module=resnet50(weights=None), device=torch.device("cpu"), weights="random", threads=plan
+    )
+    entered, hold = threading.Event(), threading.Event()
+    seen: list[tuple[int, int]] = []
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        seen.append((batch.shape[0], torch.get_num_threads()))
+        if batch.shape[0] == 2:  # the pass that keeps the model busy
+            entered.set()
+            hold.wait(30)
+        return torch.zeros(batch.shape[0], 1000)
+
+    classifier._run = run
+    info = BatchInfo(size=1, reason="idle", dispatched_at=0.0, queue_waits_s=(0.0,))
+    image = ImageInput(pixels=torch.zeros(3, 224, 224), request_id="r")
+    try:
+        await classifier.predict_batch([image], info)
+        busy = asyncio.create_task(classifier.predict_batch([image, image], info))
+        assert await asyncio.to_thread(entered.wait, 30)
+        await classifier.predict_batch([image], info)  # beside the held pass
+        hold.set()
+        await busy
+        assert seen == [(1, 2), (2, 1), (1, 1)]
+    finally:
+        hold.set()
+        classifier.close()

@@ -1,4 +1,5 @@
-"""Worker threads run at a lower priority than the event loop, and their OpenMP teams too."""
+"""Worker threads: how the cores are shared out among forward passes, and their priority
+(below the event loop's, their OpenMP teams' too)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,15 @@ from typing import Any
 import pytest
 import torch
 
-from batching_server.appkeys import PREPROCESS_POOL
+from batching_server.appkeys import BATCHER, PREPROCESS_POOL
 from batching_server.model import load_classifier
-from batching_server.threads import configure_worker_thread, thread_niceness
+from batching_server.threads import (
+    ThreadPlan,
+    available_cores,
+    configure_worker_thread,
+    plan_threads,
+    thread_niceness,
+)
 from tests.conftest import AppClient, make_settings
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux's")
@@ -62,9 +69,9 @@ async def test_model_thread_and_its_openmp_workers_are_lowered(
     seen: list[int] = []
     forward = classifier.forward
 
-    def recording(pixels: torch.Tensor) -> Any:
+    def recording(pixels: torch.Tensor, **options: Any) -> Any:
         seen.append(thread_niceness())
-        return forward(pixels)
+        return forward(pixels, **options)
 
     monkeypatch.setattr(classifier, "forward", recording)
     try:
@@ -83,3 +90,46 @@ async def test_decode_pool_threads_are_lowered(app_client: AppClient) -> None:
     pool = client.app[PREPROCESS_POOL]
     assert await asyncio.wrap_future(pool.submit(thread_niceness)) == base + 5
     assert thread_niceness() == base
+
+
+@pytest.mark.parametrize(
+    ("cores", "device", "concurrent", "threads", "plan"),
+    [
+        # auto on a CPU: two passes on half the cores each; a lone image gets them all
+        (2, "cpu", 0, 0, ThreadPlan(2, 1, 2)),
+        (16, "cpu", 0, 0, ThreadPlan(2, 8, 16)),
+        (1, "cpu", 0, 0, ThreadPlan(1, 1, 1)),  # one core: nothing to share out
+        (8, "cuda", 0, 0, ThreadPlan(1, 8, 8)),  # a GPU runs one pass at a time
+        (2, "cpu", 1, 0, ThreadPlan(1, 2, 2)),  # one pass: every core, always
+        (2, "cpu", 4, 0, ThreadPlan(4, 1, 2)),  # more passes than cores: one thread each
+        (16, "cpu", 0, 3, ThreadPlan(2, 3, 3)),  # threads set by hand: exactly that
+    ],
+)
+def test_plan_threads(
+    cores: int, device: str, concurrent: int, threads: int, plan: ThreadPlan
+) -> None:
+    assert (
+        plan_threads(
+            cores=cores, device_type=device, concurrent_batches=concurrent, num_threads=threads
+        )
+        == plan
+    )
+
+
+def test_loaded_model_and_batcher_follow_the_plan() -> None:
+    settings = make_settings(batching={"max_concurrent_batches": 2}, model={"num_threads": 0})
+    classifier = load_classifier(settings.model, batching=settings.batching)
+    try:
+        cores = available_cores()
+        assert classifier.threads == ThreadPlan(2, max(1, cores // 2), max(1, cores // 2, cores))
+        assert classifier.num_threads == classifier.threads.threads
+    finally:
+        classifier.close()
+
+
+async def test_batcher_runs_as_many_batches_at_once_as_the_plan(app_client: AppClient) -> None:
+    client = await app_client(batching={"max_concurrent_batches": 0})
+    expected = plan_threads(
+        cores=available_cores(), device_type="cpu", concurrent_batches=0, num_threads=0
+    )
+    assert client.app[BATCHER].max_concurrent_batches == expected.concurrent_batches
