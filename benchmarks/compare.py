@@ -74,7 +74,12 @@ class PipelineBound:
         images = [self.preprocessor(jpegs[i % len(jpegs)]) for i in range(self.size)]
         self.full = self.classifier.stack(images)
         self.single = self.full[:1].clone()
-        self.passes = ThreadPoolExecutor(self.classifier.threads.concurrent_batches)
+        # Set up as the server's model threads are, on the per-pass thread count.
+        self.passes = ThreadPoolExecutor(
+            self.classifier.threads.concurrent_batches,
+            initializer=torch.set_num_threads,
+            initargs=(self.classifier.threads.threads,),
+        )
         self.measure()  # compiles every shape and thread count it times
 
     def _forward(self, pixels: torch.Tensor, threads: int, repeats: int) -> float:
