@@ -137,7 +137,6 @@ class Classifier:
         self.device = device
         self.weights = weights
         self.threads = threads
-        self.num_threads = threads.threads
         self.precision = precision
         self.channels_last = channels_last
         self.compiled = compile

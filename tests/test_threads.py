@@ -116,13 +116,12 @@ def test_plan_threads(
     )
 
 
-def test_loaded_model_and_batcher_follow_the_plan() -> None:
+def test_loaded_model_follows_the_plan() -> None:
     settings = make_settings(batching={"max_concurrent_batches": 2}, model={"num_threads": 0})
     classifier = load_classifier(settings.model, batching=settings.batching)
     try:
         cores = available_cores()
-        assert classifier.threads == ThreadPlan(2, max(1, cores // 2), max(1, cores // 2, cores))
-        assert classifier.num_threads == classifier.threads.threads
+        assert classifier.threads == ThreadPlan(2, max(1, cores // 2), cores)
     finally:
         classifier.close()
 
