@@ -43,7 +43,7 @@ from .model import MODEL_NAME, Classifier, load_classifier
 from .preprocess import Preprocessor
 from .readiness import ExitCode, Readiness
 from .settings import Settings
-from .threads import available_cores, configure_worker_thread, plan_threads
+from .threads import available_cores, configure_worker_thread
 from .tracing import create_tracer_provider, server_span_middleware, traced_batch_function
 from .watchdog import StallWatchdog
 
@@ -60,8 +60,9 @@ def create_app(
 ) -> web.Application:
     """Build the application.
 
-    Pass ``classifier`` to share one loaded model, or ``tracer_provider`` to collect spans
-    elsewhere (tests do both); the app then leaves their shutdown to the caller.
+    Pass ``classifier`` to share one loaded model (its thread plan then sets how many
+    batches run at once), or ``tracer_provider`` to collect spans elsewhere (tests do both);
+    the app then leaves their shutdown to the caller.
     """
     provider = tracer_provider or create_tracer_provider(settings.tracing)
     middlewares: list[Middleware] = []
@@ -205,15 +206,8 @@ async def _warm_up(app: web.Application, classifier: Classifier) -> None:
 
 
 async def _batcher_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    batching = settings.batching
+    batching = app[SETTINGS].batching
     classifier = app[CLASSIFIER]
-    threads = plan_threads(  # as load_classifier planned the model threads
-        cores=available_cores(),
-        device_type=classifier.device.type,
-        concurrent_batches=batching.max_concurrent_batches,
-        num_threads=settings.model.num_threads,
-    )
     batch_fn = traced_batch_function(
         classifier.predict_batch,
         tracer=app[TRACER],
@@ -225,7 +219,8 @@ async def _batcher_ctx(app: web.Application) -> AsyncIterator[None]:
         max_batch_size=batching.max_batch_size,
         max_wait_s=batching.max_wait_ms / 1000,
         max_queue_size=batching.max_queue_size,
-        max_concurrent_batches=threads.concurrent_batches,
+        # As many batches in flight as the model has threads for them (its thread plan).
+        max_concurrent_batches=classifier.threads.concurrent_batches,
         observer=app[METRICS],
         dispatch_when_idle=batching.dispatch_when_idle,
     )

@@ -111,6 +111,7 @@ class SpyClassifier:
         self.real = real
         self.labels = real.labels
         self.device = real.device
+        self.threads = real.threads
         self.name = real.name
         self.precision = real.precision
         self.module = real.module

@@ -116,19 +116,17 @@ def test_plan_threads(
     )
 
 
-def test_loaded_model_follows_the_plan() -> None:
-    settings = make_settings(batching={"max_concurrent_batches": 2}, model={"num_threads": 0})
+async def test_model_threads_and_batcher_follow_the_plan(app_client: AppClient) -> None:
+    settings = make_settings(batching={"max_concurrent_batches": 0}, model={"num_threads": 0})
     classifier = load_classifier(settings.model, batching=settings.batching)
     try:
         cores = available_cores()
-        assert classifier.threads == ThreadPlan(2, max(1, cores // 2), cores)
+        expected = plan_threads(cores=cores, device_type="cpu", concurrent_batches=0, num_threads=0)
+        assert classifier.threads == expected
+        assert expected == (
+            ThreadPlan(2, max(1, cores // 2), cores) if cores > 1 else ThreadPlan(1, 1, 1)
+        )
+        client = await app_client(settings, model=classifier)
+        assert client.app[BATCHER].max_concurrent_batches == expected.concurrent_batches
     finally:
         classifier.close()
-
-
-async def test_batcher_runs_as_many_batches_at_once_as_the_plan(app_client: AppClient) -> None:
-    client = await app_client(batching={"max_concurrent_batches": 0})
-    expected = plan_threads(
-        cores=available_cores(), device_type="cpu", concurrent_batches=0, num_threads=0
-    )
-    assert client.app[BATCHER].max_concurrent_batches == expected.concurrent_batches
