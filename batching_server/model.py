@@ -143,7 +143,14 @@ class Classifier:
         self.batch_sizes = tuple(batch_sizes)
         self.labels = LABELS
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.module = module.eval().to(device).to(memory_format=self.memory_format)
+        # No parameter needs a gradient here. With none, autocast never fills its weight-cast
+        # cache, which is global and mutex-guarded: while it holds cast weights, a thread that
+        # leaves autocast (freeing them, which needs the GIL) and a thread that compiles
+        # (holding the GIL, casting under that mutex) can deadlock each other (seen with two
+        # model threads).
+        self.module = (
+            module.eval().requires_grad_(False).to(device).to(memory_format=self.memory_format)
+        )
         self._run: Any = self.module
         # A one-image batch on every core is one more compiled graph: dynamo guards on the
         # thread count.

@@ -65,6 +65,12 @@ def test_probabilities_are_a_distribution(
     assert probabilities.min() >= 0
 
 
+def test_no_parameter_needs_a_gradient(classifier: Classifier) -> None:
+    # Autocast caches casts of weights that need a gradient in a global, mutex-guarded cache;
+    # with two model threads that cache deadlocked a compile against a pass leaving autocast.
+    assert not any(parameter.requires_grad for parameter in classifier.module.parameters())
+
+
 def test_top_k_is_sorted_and_labelled(classifier: Classifier) -> None:
     probabilities = torch.softmax(torch.arange(1000, dtype=torch.float32) / 100, dim=0)
     top = classifier.top_k(probabilities, 3)
