@@ -3,15 +3,19 @@
 Checks: ``precision = "auto"`` picks fp16 on CUDA with channels_last weights; the output
 matches an fp32 CPU run of the same network; batches are padded and pinned before the copy;
 two forward passes run at once with ``max_concurrent_batches = 2``. Then images/s by batch
-size. Exits 0 when every check passes, 1 when one fails, 2 when there is no GPU.
+size. With ``--compile`` the model is compiled as ``model.compile = true`` compiles it: warm-up
+compiles every batch shape, and the checks and timings then run under dynamo's
+``fail_on_recompile`` stance, so a shape or guard that warm-up missed fails the run. Exits 0
+when every check passes, 1 when one fails, 2 when there is no GPU.
 
-    .venv/bin/python benchmarks/gpu_check.py
+    .venv/bin/python benchmarks/gpu_check.py [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import sys
 import threading
@@ -25,7 +29,7 @@ from unittest import mock
 import torch
 from torch import nn
 
-from batching_server.acceleration import padded_size
+from batching_server.acceleration import padded_size, warmup_sizes
 from batching_server.batcher import BatchInfo
 from batching_server.logs import configure_logging
 from batching_server.model import Classifier, ImageInput, load_classifier
@@ -60,6 +64,7 @@ def load(
     *,
     channels_last: bool = True,
     concurrent: int = 1,
+    compile: bool = False,
 ) -> Classifier:
     """A classifier built the way the server builds it."""
     settings = settings_from_mapping(
@@ -69,6 +74,7 @@ def load(
                 "device": device,
                 "precision": precision,
                 "channels_last": channels_last,
+                "compile": compile,
                 "warmup": False,
             },
             "batching": {
@@ -263,6 +269,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "weights make the top-1 check stronger",
     )
     parser.add_argument("--rounds", type=int, default=10, help="pairs of concurrent batches")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (inductor, freezing) and compile every shape first",
+    )
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.rounds < 1:
         parser.error("--seconds must be positive and --rounds at least 1")
@@ -291,7 +302,8 @@ def run_checks(args: argparse.Namespace, classifier: Classifier) -> list[CheckRe
 def print_throughput(classifier: Classifier, sizes: Sequence[int], seconds: float) -> None:
     """Images/s and latency by batch size, measured like benchmarks/model_ceiling.py."""
     torch.cuda.reset_peak_memory_stats()
-    print(f"\nthroughput on {torch.cuda.get_device_name()} (fp16-cl, one batch at a time)")
+    mode = "compiled" if classifier.compiled else "eager"
+    print(f"\nthroughput on {torch.cuda.get_device_name()} (fp16-cl {mode}, one batch at a time)")
     print(f"{'batch':>5} {'images/s':>10} {'median ms':>10} {'p90 ms':>8}")
     for size in sizes:
         row = measure("fp16-cl", size, seconds, classifier=classifier)
@@ -312,10 +324,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    classifier = load("cuda", "auto", args.batch_sizes, args.weights, concurrent=2)
+    sizes = args.batch_sizes
+    classifier = load("cuda", "auto", sizes, args.weights, concurrent=2, compile=args.compile)
+    stance: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     try:
-        results = run_checks(args, classifier)
-        print_throughput(classifier, args.batch_sizes, args.seconds)
+        if args.compile:
+            # As the server's warm-up does it: one pass per shape, in a model thread.
+            seconds = asyncio.run(classifier.warmup(warmup_sizes(sizes[-1], sizes)))
+            print(f"compiled {len(sizes)} batch shapes in {seconds:.1f} s")
+            stance = torch.compiler.set_stance("fail_on_recompile")
+        with stance:
+            results = run_checks(args, classifier)
+            print_throughput(classifier, sizes, args.seconds)
     finally:
         classifier.close()
     failed = [r.name for r in results if not r.passed]
