@@ -5,8 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from aiohttp import BodyPartReader, http_exceptions, web
-from aiohttp.multipart import BadContentDispositionHeader
+from aiohttp import BodyPartReader, hdrs, http_exceptions, web
+from aiohttp.multipart import (
+    BadContentDispositionHeader,
+    content_disposition_filename,
+    parse_content_disposition,
+)
 
 from .errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 
@@ -32,6 +36,18 @@ class Upload:
     index: int
     filename: str | None
     data: bytes
+
+
+def _field_and_filename(part: BodyPartReader) -> tuple[str | None, str | None]:
+    """The part's field name and filename, from one parse of its Content-Disposition."""
+    # BodyPartReader.name and .filename parse the header once each (aiohttp's reader has
+    # parsed it once already), and the parser is costly: it escapes 128 characters into a
+    # regex on every call. Under load, three parses per part were 13% of the event loop's
+    # time in a py-spy profile.
+    _, params = parse_content_disposition(part.headers.get(hdrs.CONTENT_DISPOSITION))
+    return content_disposition_filename(params, "name"), content_disposition_filename(
+        params, "filename"
+    )
 
 
 def _too_large(limit: int) -> PayloadTooLargeError:
@@ -71,7 +87,11 @@ async def read_uploads(
             break
         if not isinstance(part, BodyPartReader):
             raise BadRequestError("nested multipart bodies are not supported")
-        is_file = part.name == FIELD_NAME
+        try:
+            field, filename = _field_and_filename(part)
+        except _MALFORMED as exc:
+            raise BadRequestError(f"malformed multipart body: {type(exc).__name__}") from None
+        is_file = field == FIELD_NAME
         if is_file:
             count += 1
             if count > max_files:
@@ -79,8 +99,8 @@ async def read_uploads(
                     f"more than {max_files} {FIELD_NAME!r} parts in one request "
                     "(limits.max_files_per_request)"
                 )
-        elif part.name is not None and len(other_fields) < 8:
-            other_fields.append(part.name)
+        elif field is not None and len(other_fields) < 8:
+            other_fields.append(field)
         chunks = bytearray()
         try:
             while chunk := await part.read_chunk():
@@ -92,7 +112,7 @@ async def read_uploads(
         except _MALFORMED as exc:
             raise BadRequestError(f"malformed multipart body: {type(exc).__name__}") from None
         if is_file:
-            yield Upload(index=count - 1, filename=part.filename, data=bytes(chunks))
+            yield Upload(index=count - 1, filename=filename, data=bytes(chunks))
     if count == 0:
         found = f"; found {', '.join(map(repr, other_fields))}" if other_fields else ""
         raise BadRequestError(f"no {FIELD_NAME!r} field in the multipart body{found}")
