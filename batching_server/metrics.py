@@ -7,6 +7,7 @@ worker threads are handed back and observed here.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import torch
@@ -131,6 +132,11 @@ class ServiceMetrics:
             registry=r,
             buckets=LAG_BUCKETS,
         )
+        self.loop_cpu = Counter(
+            "event_loop_cpu_seconds_total",
+            "CPU time of the event loop's thread. A rate near 1 means the loop is the limit.",
+            registry=r,
+        )
         # Series that should exist at zero before the first event, so rate() and absent()
         # work from the first scrape.
         for reason in ("full", "timeout", "drain", "idle"):
@@ -140,6 +146,7 @@ class ServiceMetrics:
         self.queue_size.set({}, 0)
         self.in_flight.set({}, 0)
         self.padding.set({}, 0)
+        self.loop_cpu.set({}, 0)
 
     def describe_model(
         self, *, weights: str, device: str, precision: str, module: torch.nn.Module
@@ -176,12 +183,18 @@ class ServiceMetrics:
             self.confidence.add({}, confidence)
 
     async def watch_loop_lag(self, interval_s: float = 0.02) -> None:
-        """Sample the loop's lag forever: any callback that blocks it shows up here."""
+        """Sample the loop's lag and its thread's CPU time forever (runs on the loop)."""
         loop = asyncio.get_running_loop()
+        cpu = time.thread_time()
         while True:
             started = loop.time()
             await asyncio.sleep(interval_s)
             self.loop_lag.add({}, max(0.0, loop.time() - started - interval_s))
+            # The loop's own CPU per request is the steadiest measure of its cost: wall-clock
+            # lag also counts waits for a core or the GIL.
+            now = time.thread_time()
+            self.loop_cpu.add({}, now - cpu)
+            cpu = now
 
     def render(self, accepts: Sequence[str]) -> tuple[bytes, dict[str, str]]:
         """The exposition body and its headers, in the format the scraper accepts."""

@@ -207,6 +207,12 @@ def histogram_delta(
     return counts
 
 
+def counter_delta(before: Mapping[Any, float], after: Mapping[Any, float], name: str) -> float:
+    """How much ``name`` grew between two scrapes (summed over labels); NaN if absent."""
+    grown = [v - before.get(key, 0.0) for key, v in after.items() if key[0] == name]
+    return sum(grown) if grown else float("nan")
+
+
 def histogram_mean(before: Mapping[Any, float], after: Mapping[Any, float], name: str) -> float:
     """Mean of ``name``'s observations between two scrapes (summed over labels); NaN if none."""
 

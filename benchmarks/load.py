@@ -22,6 +22,7 @@ import aiohttp
 
 from benchmarks._common import (
     RESULTS,
+    counter_delta,
     histogram_delta,
     histogram_mean,
     machine,
@@ -153,6 +154,8 @@ def summarise(
     n_batches = sum(batches.values())
     lag_over_10ms = sum(count for bound, count in lag.items() if bound > 0.01)
     worst_lag = max((bound for bound, count in lag.items() if count), default=0.0)
+    loop_cpu = counter_delta(before, after, "event_loop_cpu_seconds_total")
+    nan = float("nan")
     return {
         **{k: v for k, v in point.items() if v is not None},
         "seconds": round(elapsed, 2),
@@ -175,10 +178,24 @@ def summarise(
         * histogram_mean(before, after, "model_inference_duration_seconds"),
         "server_preprocess_ms": 1000
         * histogram_mean(before, after, "image_preprocess_duration_seconds"),
+        # The event loop thread's CPU: per answered image, and as a share of the wall time
+        # (near 1: the loop itself is the limit).
+        "loop_cpu_ms_per_image": 1000 * loop_cpu / len(latencies_ms) if latencies_ms else nan,
+        "loop_busy": loop_cpu / elapsed,
     }
 
 
-COLUMNS = ("point", "throughput", "p50_ms", "p95_ms", "p99_ms", "mean_batch", "errors", "lag>10ms")
+COLUMNS = (
+    "point",
+    "throughput",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "mean_batch",
+    "errors",
+    "lag>10ms",
+    "loop_ms/img",
+)
 
 
 def row(result: dict[str, Any]) -> dict[str, Any]:
@@ -189,6 +206,7 @@ def row(result: dict[str, Any]) -> dict[str, Any]:
         "point": point,
         "errors": errors,
         "lag>10ms": result["loop_lag_samples_over_10ms"],
+        "loop_ms/img": result["loop_cpu_ms_per_image"],
     }
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,13 +21,14 @@ from opentelemetry.trace import SpanKind
 
 from batching_server.app import create_metrics_app
 from batching_server.logs import configure_logging
+from batching_server.metrics import ServiceMetrics
 from batching_server.model import Classifier
 from batching_server.settings import TracingSettings
 from batching_server.tracing import create_tracer_provider
 from tests.conftest import AppClient, saturate
 from tests.fakes import SpyClassifier
 from tests.images import photo_bytes
-from tests.metrics_text import scrape, value
+from tests.metrics_text import parse_metrics, scrape, value
 
 JPEG = photo_bytes("chelsea.png")
 
@@ -100,6 +103,29 @@ async def test_golden_signals_and_batch_metrics(
         "device": "cpu",
         "precision": "fp32",
     }
+
+
+async def test_loop_lag_and_loop_cpu_see_a_blocking_callback() -> None:
+    metrics = ServiceMetrics(model_name="resnet50", max_batch_size=1)
+    watcher = asyncio.create_task(metrics.watch_loop_lag(interval_s=0.001))
+    await asyncio.sleep(0)  # the watcher takes its first CPU reading and goes to sleep
+    blocked = 0.03
+    started = time.thread_time()
+    while time.thread_time() - started < blocked:  # a callback that hogs the loop
+        pass
+    for _ in range(1000):  # bounded: the overdue timer fires within a few iterations
+        await asyncio.sleep(0.001)
+        samples = parse_metrics(metrics.render(["text/plain"])[0].decode())
+        if value(samples, "event_loop_cpu_seconds_total") >= blocked:
+            break
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    assert value(samples, "event_loop_cpu_seconds_total") >= blocked
+    # Wall time is at least CPU time, so one sample lands past the 25 ms bucket.
+    assert value(samples, "event_loop_lag_seconds_bucket", le="0.025") < value(
+        samples, "event_loop_lag_seconds_count"
+    )
 
 
 async def test_metrics_port_moves_metrics_off_the_api(
