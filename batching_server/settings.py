@@ -278,7 +278,7 @@ class LoggingSettings:
 class TracingSettings:
     """OpenTelemetry spans: whether to record them and where to send them."""
 
-    enabled: bool = _setting(True, _boolean, "record spans (and put trace ids in logs)")
+    enabled: bool = _setting(True, _boolean, "spans and trace ids (recorded only with an exporter)")
     exporter: str = _setting(
         "none", _choice("none", "otlp-http", "otlp-grpc", "console"), "where spans go"
     )

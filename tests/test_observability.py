@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
+from batching_server import tracing
 from batching_server.app import create_metrics_app
 from batching_server.logs import configure_logging
 from batching_server.metrics import ServiceMetrics
@@ -274,6 +275,40 @@ async def test_log_lines_are_json_and_correlate_with_spans(
     assert batch_line["request_ids"] == request_ids
     assert (batch_line["size"], batch_line["dispatch_reason"]) == (2, "full")
     assert batch_line["inference_ms"] > 0
+
+
+async def test_without_an_exporter_spans_carry_ids_and_record_nothing(
+    app_client: AppClient, json_logs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_instrumentation(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("OpenTelemetry's aiohttp middleware does work no one records")
+
+    monkeypatch.setattr(tracing, "create_aiohttp_middleware", no_instrumentation)
+    client = await app_client()  # tracing on, exporter "none": the defaults
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    traceparent = f"00-{trace_id}-{parent_id}-01"
+    response = await client.post("/predict", data=form(JPEG), headers={"traceparent": traceparent})
+    assert response.status == 200
+    assert (await client.post("/predict", data=form(JPEG))).status == 200
+    completed = [line for line in json_logs() if line["event"] == "request_completed"]
+    assert len(completed) == 2
+    # The client's trace goes on, under a span of our own; a request without one starts one.
+    assert completed[0]["trace_id"] == trace_id
+    assert completed[0]["span_id"] not in (parent_id, "0" * 16)
+    assert completed[1]["trace_id"] not in (trace_id, "0" * 32)
+
+
+def test_spans_are_recorded_only_when_they_can_be_exported() -> None:
+    unexported = create_tracer_provider(TracingSettings(exporter="none"))
+    exported = create_tracer_provider(TracingSettings(exporter="console"))
+    assert unexported is not None
+    assert exported is not None
+    try:
+        assert not unexported.get_tracer("t").start_span("s").is_recording()
+        assert exported.get_tracer("t").start_span("s").is_recording()
+    finally:
+        unexported.shutdown()
+        exported.shutdown()
 
 
 # --- tracing settings and the standard OTEL_* variables --------------------------------------
