@@ -159,7 +159,7 @@ class Classifier:
             shapes = len(warmup_sizes(max_batch_size, self.batch_sizes)) + self._solo
             self._run = compile_module(self.module, shapes=shapes, cpp_wrapper=device.type == "cpu")
         self._local = threading.local()
-        self._busy = 0  # forward passes running now; a stalled one never ends
+        self._busy = 0  # forward passes handed to a thread and not ended; a stalled one never ends
         self._busy_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(
             max_workers=threads.concurrent_batches,
@@ -167,6 +167,20 @@ class Classifier:
             initializer=functools.partial(
                 configure_worker_thread, torch_threads=threads.threads, niceness=niceness
             ),
+        )
+        # A lone image's pass gets a thread of its own that stays at the solo thread count.
+        # Switching one thread's count for each lone image cost 1-3 ms of a 25 ms pass: each
+        # torch.set_num_threads clears that thread's cache of oneDNN convolution primitives.
+        self._solo_executor = (
+            ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="model-solo",
+                initializer=functools.partial(
+                    configure_worker_thread, torch_threads=threads.solo_threads, niceness=niceness
+                ),
+            )
+            if self._solo
+            else None
         )
 
     def forward(self, pixels: torch.Tensor, *, threads: int | None = None) -> torch.Tensor:
@@ -227,19 +241,11 @@ class Classifier:
             batch = torch.empty((len(images), *images[0].shape), memory_format=self.memory_format)
             return torch.stack(images, out=batch)
 
-    def _forward_inputs(self, items: Sequence[ImageInput]) -> list[torch.Tensor]:
+    def _forward_inputs(
+        self, items: Sequence[ImageInput], threads: int | None
+    ) -> list[torch.Tensor]:
         started = time.perf_counter()
-        with self._busy_lock:
-            alone = not self._busy
-            self._busy += 1
-        threads = self.threads.solo_threads if alone and self._solo and len(items) == 1 else None
-        try:
-            probabilities = self.forward(
-                self.stack([item.pixels for item in items]), threads=threads
-            )
-        finally:
-            with self._busy_lock:
-                self._busy -= 1
+        probabilities = self.forward(self.stack([item.pixels for item in items]), threads=threads)
         # Runs in the model thread, inside the caller's context: this lands on the batch span.
         trace.get_current_span().add_event(
             "forward_pass",
@@ -255,24 +261,43 @@ class Classifier:
         self, items: Sequence[ImageInput], info: BatchInfo
     ) -> list[torch.Tensor]:
         """Run one forward pass for a batch; one probability vector per item."""
-        loop = asyncio.get_running_loop()
-        # run_in_executor does not carry contextvars over; the active span must reach the
-        # model thread, so run the call inside a copy of this context.
+        # Executors do not carry contextvars over; the active span must reach the model
+        # thread, so run the call inside a copy of this context.
         context = contextvars.copy_context()
-        return await loop.run_in_executor(self._executor, context.run, self._forward_inputs, items)
+        executor, threads = self._executor, None
+        with self._busy_lock:
+            # Counted here, on the loop, so that two batches dispatched back to back cannot
+            # both find the model idle before either thread has started.
+            if self._solo_executor is not None and not self._busy and len(items) == 1:
+                executor, threads = self._solo_executor, self.threads.solo_threads
+            self._busy += 1
+        try:
+            future = executor.submit(context.run, self._forward_inputs, items, threads)
+        except BaseException:
+            self._pass_ended()
+            raise
+        # Also when the pass never starts (cancelled while queued, or at close).
+        future.add_done_callback(self._pass_ended)
+        return await asyncio.wrap_future(future)
+
+    def _pass_ended(self, _future: object = None) -> None:
+        with self._busy_lock:
+            self._busy -= 1
 
     async def warmup(self, batch_sizes: Iterable[int]) -> float:
         """Run one forward pass per batch size; returns the seconds it took."""
         sizes = sorted(set(batch_sizes))
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        passes: list[tuple[int, int | None]] = [(size, None) for size in sizes]
-        if self._solo and 1 in sizes:
-            passes.append((1, self.threads.solo_threads))
-        for size, threads in passes:
+        passes: list[tuple[ThreadPoolExecutor, int, int | None]] = [
+            (self._executor, size, None) for size in sizes
+        ]
+        if self._solo_executor is not None and 1 in sizes:
+            passes.append((self._solo_executor, 1, self.threads.solo_threads))
+        for executor, size, threads in passes:
             dummy = torch.zeros(size, 3, INPUT_SIZE, INPUT_SIZE)
             await loop.run_in_executor(
-                self._executor, functools.partial(self.forward, dummy, threads=threads)
+                executor, functools.partial(self.forward, dummy, threads=threads)
             )
         return time.perf_counter() - started
 
@@ -294,7 +319,9 @@ class Classifier:
             busy = self._busy
         if busy:
             log.warning("model_threads_abandoned", running_forward_passes=busy)
-        self._executor.shutdown(wait=not busy, cancel_futures=True)
+        for executor in (self._executor, self._solo_executor):
+            if executor is not None:
+                executor.shutdown(wait=not busy, cancel_futures=True)
 
 
 def _set_interop_threads(count: int) -> None:

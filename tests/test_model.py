@@ -230,3 +230,40 @@ async def test_a_lone_single_image_gets_every_core() -> None:
     finally:
         hold.set()
         classifier.close()
+
+
+async def test_lone_images_never_switch_a_threads_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.set_num_threads clears the thread's oneDNN primitive cache: a lone image's pass
+    runs on a thread of its own that stays at the solo count."""
+    plan = ThreadPlan(2, 1, 2)
+    classifier = Classifier(
+        module=resnet50(weights=None), device=torch.device("cpu"), weights="random", threads=plan
+    )
+    seen: list[tuple[str, int]] = []
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return torch.zeros(batch.shape[0], 1000)
+
+    classifier._run = run
+    info = BatchInfo(size=1, reason="idle", dispatched_at=0.0, queue_waits_s=(0.0,))
+    image = ImageInput(pixels=torch.zeros(3, 224, 224), request_id="r")
+    try:
+        await classifier.predict_batch([image], info)  # starts the threads
+        await classifier.predict_batch([image, image], info)
+        switched: list[int] = []
+        set_num_threads = torch.set_num_threads
+
+        def spy(count: int) -> None:
+            switched.append(count)
+            set_num_threads(count)
+
+        monkeypatch.setattr(torch, "set_num_threads", spy)
+        for _ in range(3):
+            await classifier.predict_batch([image], info)
+        await classifier.predict_batch([image, image], info)
+        assert switched == []
+        names = [(name.rsplit("_", 1)[0], count) for name, count in seen]
+        assert names == [("model-solo", 2), ("model", 1)] + [("model-solo", 2)] * 3 + [("model", 1)]
+    finally:
+        classifier.close()
