@@ -2,8 +2,8 @@
 
 ``np.asarray(image)`` goes through ``Image.tobytes``: a Python loop over 64 KB encoder chunks
 that copies every pixel twice and holds the GIL throughout. In the decode threads that was
-the largest single use of the GIL (a py-spy ``--gil`` profile: 40% of preprocessing's GIL
-time, about 0.15 ms per 500x375 photo), time during which the event loop cannot run. Pillow
+the largest single use of the GIL (40% of preprocessing's GIL time in a py-spy ``--gil``
+profile), time during which the event loop cannot run. Pillow
 (11.2 and later) exports an image's own memory through the Arrow C data interface, whose
 structs are a stable ABI; reading them takes microseconds.
 """

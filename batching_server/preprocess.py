@@ -153,9 +153,9 @@ class _FastTransform:
         if height > width:
             size = size[::-1]
         resized = F.interpolate(pixels, size=size, mode="bilinear", antialias=True)[0]
+        del owner
         top = round((size[0] - self.crop) / 2.0)
         left = round((size[1] - self.crop) / 2.0)
-        del owner
         window = resized[:3].permute(1, 2, 0)[top : top + self.crop, left : left + self.crop]
         rows = window.to(torch.float32, memory_format=torch.contiguous_format)
         rows = rows.view(self.crop, self.crop * 3)
