@@ -103,7 +103,7 @@ def _prepare_instrumentation() -> None:
 
 
 def server_span_middleware(provider: TracerProvider, excluded_paths: Sequence[str]) -> Middleware:
-    """One SERVER span per request, named by route, except for ``excluded_paths``."""
+    """One SERVER span per request (named by route when recorded), except ``excluded_paths``."""
     excluded = frozenset(excluded_paths)
     if provider.sampler is ALWAYS_OFF:
         return _unrecorded_server_span_middleware(provider.get_tracer(__name__), excluded)
