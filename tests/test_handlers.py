@@ -161,47 +161,47 @@ async def test_a_bad_part_among_several_is_named(app_client: AppClient) -> None:
     await assert_still_serves(client)
 
 
+async def post_parts(client: Any, *parts: tuple[str, bytes]) -> Any:
+    """POST a multipart body written by hand: (Content-Disposition value, content) per part."""
+    body = b"".join(
+        b"--b0undary\r\nContent-Disposition: "
+        + disposition.encode()
+        + b"\r\n\r\n"
+        + content
+        + b"\r\n"
+        for disposition, content in parts
+    )
+    headers = {"Content-Type": "multipart/form-data; boundary=b0undary"}
+    return await client.post("/predict", data=body + b"--b0undary--\r\n", headers=headers)
+
+
 async def test_malformed_content_disposition_is_400(app_client: AppClient) -> None:
     # Found by the fuzz test: aiohttp warns about this header, and a warning is no answer.
     client = await app_client()
-    body = (
-        b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename-x\r\n\r\n'
-        + JPEG
-        + b"\r\n--b0undary--\r\n"
-    )
-    headers = {"Content-Type": "multipart/form-data; boundary=b0undary"}
-    response = await client.post("/predict", data=body, headers=headers)
+    response = await post_parts(client, ('form-data; name="file"; filename-x', JPEG))
     await assert_error(response, 400, "bad_request")
 
 
 async def test_malformed_content_disposition_on_a_later_part_is_400(
     app_client: AppClient,
 ) -> None:
-    # aiohttp itself parses only the first part's header; the later ones are ours to check.
     client = await app_client()
-    body = (
-        b'--b0undary\r\nContent-Disposition: form-data; name="file"\r\n\r\n'
-        + JPEG
-        + b'\r\n--b0undary\r\nContent-Disposition: form-data; name="file"; filename-x\r\n\r\n'
-        + JPEG
-        + b"\r\n--b0undary--\r\n"
+    response = await post_parts(
+        client,
+        ('form-data; name="file"', JPEG),
+        ('form-data; name="file"; filename-x', JPEG),
     )
-    headers = {"Content-Type": "multipart/form-data; boundary=b0undary"}
-    response = await client.post("/predict", data=body, headers=headers)
     await assert_error(response, 400, "bad_request")
     await assert_still_serves(client)
 
 
 async def test_an_encoded_filename_names_a_bad_part(app_client: AppClient) -> None:
     client = await app_client()
-    body = (
-        b'--b0undary\r\nContent-Disposition: form-data; name="file"\r\n\r\n'
-        + JPEG
-        + b'\r\n--b0undary\r\nContent-Disposition: form-data; name="file"; '
-        + b"filename*=UTF-8''caf%C3%A9.jpg\r\n\r\nnope\r\n--b0undary--\r\n"
+    response = await post_parts(
+        client,
+        ('form-data; name="file"', JPEG),
+        ("form-data; name=\"file\"; filename*=UTF-8''caf%C3%A9.jpg", b"nope"),
     )
-    headers = {"Content-Type": "multipart/form-data; boundary=b0undary"}
-    response = await client.post("/predict", data=body, headers=headers)
     error = await assert_error(response, 400, "invalid_image")
     assert error["error"]["message"].startswith("file 2 (caf\u00e9.jpg):")
 
