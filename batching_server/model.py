@@ -169,8 +169,8 @@ class Classifier:
             ),
         )
         # A lone image's pass gets a thread of its own that stays at the solo thread count.
-        # Switching one thread's count for each lone image cost 1-3 ms of a 25 ms pass: each
-        # torch.set_num_threads clears that thread's cache of oneDNN convolution primitives.
+        # Switching one thread's count for each lone image cost about 2 ms of a 10-26 ms pass:
+        # each torch.set_num_threads clears that thread's cache of oneDNN conv primitives.
         self._solo_executor = (
             ThreadPoolExecutor(
                 max_workers=1,
