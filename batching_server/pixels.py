@@ -83,6 +83,8 @@ def pixels_rgbx(image: Image.Image) -> tuple[torch.Tensor, object]:
                 view = torch.frombuffer(buffer, dtype=torch.uint8)
                 pixels = view.view(image.height, image.width, 4).permute(2, 0, 1).unsqueeze(0)
                 return pixels, array_capsule
-    # np.array, not asarray: torch warns on read-only buffers.
-    copied = torch.from_numpy(np.array(image.convert("RGB")))
+    # np.array, not asarray: torch warns on read-only buffers. (convert() would copy an RGB
+    # image once more first.)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    copied = torch.from_numpy(np.array(rgb))
     return copied.permute(2, 0, 1).unsqueeze(0), copied

@@ -87,10 +87,8 @@ async def read_uploads(
             break
         if not isinstance(part, BodyPartReader):
             raise BadRequestError("nested multipart bodies are not supported")
-        try:
-            field, filename = _field_and_filename(part)
-        except _MALFORMED as exc:
-            raise BadRequestError(f"malformed multipart body: {type(exc).__name__}") from None
+        # A malformed header has raised (or warned) already, in reader.next() above.
+        field, filename = _field_and_filename(part)
         is_file = field == FIELD_NAME
         if is_file:
             count += 1
