@@ -81,10 +81,18 @@ def pixels_rgbx(image: Image.Image) -> tuple[torch.Tensor, object]:
             buffer = _rgbx_buffer(image, array_capsule)
             if buffer is not None:
                 view = torch.frombuffer(buffer, dtype=torch.uint8)
-                pixels = view.view(image.height, image.width, 4).permute(2, 0, 1).unsqueeze(0)
-                return pixels, array_capsule
+                return _nchw(view, image.height, image.width, 4), array_capsule
     # np.array, not asarray: torch warns on read-only buffers. (convert() would copy an RGB
     # image once more first.)
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     copied = torch.from_numpy(np.array(rgb))
-    return copied.permute(2, 0, 1).unsqueeze(0), copied
+    return _nchw(copied, image.height, image.width, 3), copied
+
+
+def _nchw(interleaved: torch.Tensor, height: int, width: int, channels: int) -> torch.Tensor:
+    # One strided view, not a chain of view/permute/unsqueeze: every torch call, and every
+    # intermediate tensor freed, releases the GIL and takes it back, and each take is a
+    # chance for the event loop to wait on this thread.
+    return interleaved.as_strided(
+        (1, channels, height, width), (height * width * channels, 1, width * channels, channels)
+    )

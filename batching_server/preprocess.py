@@ -134,11 +134,13 @@ class _FastTransform:
     def __init__(self, *, resize: int, crop: int, mean: list[float], std: list[float]) -> None:
         self.resize = resize
         self.crop = crop
-        # (x / 255 - mean) / std as a multiply-add over crop rows of interleaved RGB:
-        # broadcasting a 3-vector over the innermost axis is ten times slower.
-        scale = torch.tensor(std).mul(255).reciprocal()
-        self.scale_row = scale.repeat(crop)
-        self.bias_row = torch.tensor(mean).neg().div(torch.tensor(std)).repeat(crop)
+        # (x / 255 - mean) / std as one multiply-add over the crop's interleaved rows. The
+        # constants are a row of pixels, (crop, 3): broadcast along rows, the inner loop runs
+        # over whole contiguous rows. (A bare 3-vector on the innermost axis is ten times
+        # slower.)
+        std_t = torch.tensor(std)
+        self.scale_row = std_t.mul(255).reciprocal().repeat(crop, 1)
+        self.bias_row = torch.tensor(mean).neg().div(std_t).repeat(crop, 1)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         width, height = image.size
@@ -152,15 +154,24 @@ class _FastTransform:
         size = (self.resize, int(self.resize * long / short))
         if height > width:
             size = size[::-1]
-        resized = F.interpolate(pixels, size=size, mode="bilinear", antialias=True)[0]
+        resized = F.interpolate(pixels, size=size, mode="bilinear", antialias=True)
         del owner
         top = round((size[0] - self.crop) / 2.0)
         left = round((size[1] - self.crop) / 2.0)
-        window = resized[:3].permute(1, 2, 0)[top : top + self.crop, left : left + self.crop]
+        # As few torch calls as the maths allows: each one (and each intermediate tensor
+        # freed) releases the GIL and takes it back, and every take can keep the event loop
+        # waiting for up to a switch interval (5 ms). One strided view is the crop, as
+        # (row, column, RGB) whatever the resize's layout; a fill and a fused multiply-add
+        # follow. 19 GIL takes per image instead of 32 (perf uprobes on take_gil).
+        _, channel, row, column = resized.stride()
+        window = resized.as_strided(
+            (self.crop, self.crop, 3),
+            (row, column, channel),
+            resized.storage_offset() + top * row + left * column,
+        )
         rows = window.to(torch.float32, memory_format=torch.contiguous_format)
-        rows = rows.view(self.crop, self.crop * 3)
-        rows.mul_(self.scale_row).add_(self.bias_row)
-        return rows.view(self.crop, self.crop, 3).permute(2, 0, 1)
+        torch.addcmul(self.bias_row, rows, self.scale_row, out=rows)
+        return rows.permute(2, 0, 1)
 
 
 def _fast_transform(transform: nn.Module) -> _FastTransform | None:

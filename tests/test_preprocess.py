@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile, ImageOps
+from torch.overrides import TorchFunctionMode
 from torchvision.models import ResNet50_Weights
 
 from batching_server.errors import BadImageError, ImageTooLargeError
@@ -358,6 +359,32 @@ def test_fast_resize_follows_the_weights_transform(weights: str) -> None:
 def test_fast_resize_is_channels_last() -> None:
     """The model's layout: stacking a batch is then a plain copy, not a transpose."""
     assert preprocessor(fast_resize=True)(photo_bytes()).stride() == (1, 224 * 3, 3)
+
+
+class _TorchCalls(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.names.append(getattr(func, "__name__", repr(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("size", [(500, 375), (375, 500)], ids=str)
+def test_fast_resize_makes_few_torch_calls(size: tuple[int, int]) -> None:
+    """Each torch call releases the GIL and takes it back: a chance for the loop to wait.
+
+    The chain it replaced (view, permute, unsqueeze, index, slice, view, mul, add, ...)
+    made 14 such calls per image.
+    """
+    prep = preprocessor(fast_resize=True)
+    image = prep.decode(encode(noise_image(*size), "JPEG"))
+    with _TorchCalls() as calls:
+        prep.to_tensor(image)
+    # Metadata reads are answered without releasing the GIL.
+    releasing = [name for name in calls.names if name not in {"stride", "storage_offset"}]
+    assert releasing == ["as_strided", "interpolate", "as_strided", "to", "addcmul", "permute"]
 
 
 @pytest.mark.slow
