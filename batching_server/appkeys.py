@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
 from aiohttp import web
 from opentelemetry import trace
 
 from .batcher import Batcher
 from .metrics import ServiceMetrics
-from .model import Classifier, ImageInput
+from .model import Classifier, ImageInput, Ranked
 from .preprocess import Preprocessor
 from .readiness import Readiness
 from .settings import Settings
@@ -35,7 +34,7 @@ READINESS = web.AppKey("readiness", Readiness)
 CLASSIFIER = web.AppKey("classifier", Classifier)
 PREPROCESSOR = web.AppKey("preprocessor", Preprocessor)
 PREPROCESS_POOL = web.AppKey("preprocess_pool", ThreadPoolExecutor)
-BATCHER = web.AppKey("batcher", Batcher[ImageInput, torch.Tensor])
+BATCHER = web.AppKey("batcher", Batcher[ImageInput, Ranked])
 
 METRICS = web.AppKey("metrics", ServiceMetrics)
 TRACER = web.AppKey("tracer", trace.Tracer)

@@ -177,12 +177,12 @@ async def predict(request: web.Request) -> web.Response:
         )
     request_span = trace.get_current_span().get_span_context()
     inputs = [
-        ImageInput(pixels=t, request_id=request_id, span_context=request_span) for t in tensors
+        ImageInput(pixels=t, request_id=request_id, span_context=request_span, top_k=top_k or 1)
+        for t in tensors
     ]
     with app[TRACER].start_as_current_span("batcher.wait", attributes={"images": len(inputs)}):
-        outputs = await batcher.submit_many(inputs, timeout_s=remaining)
+        ranked = await batcher.submit_many(inputs, timeout_s=remaining)
 
-    ranked = [classifier.top_k(p, top_k or 1) for p in outputs]
     app[METRICS].observe_predictions([labels[0] for labels in ranked])
     results = [_result(labels, top_k) for labels in ranked]
     if len(results) == 1:

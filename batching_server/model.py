@@ -28,7 +28,7 @@ from .errors import ModelLoadError
 from .settings import BatchingSettings, ModelSettings
 from .threads import ThreadPlan, available_cores, configure_worker_thread, plan_threads
 
-__all__ = ["LABELS", "Classifier", "ImageInput", "load_classifier", "resolve_device"]
+__all__ = ["LABELS", "Classifier", "ImageInput", "Ranked", "load_classifier", "resolve_device"]
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +36,9 @@ MODEL_NAME = "resnet50"
 INPUT_SIZE = 224
 # The class names ship inside torchvision itself, so they are there offline too.
 LABELS: tuple[str, ...] = tuple(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+Ranked = list[tuple[str, float]]
+"""Labels with their probabilities, most likely first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +48,7 @@ class ImageInput:
     pixels: torch.Tensor  # (3, 224, 224) float32, normalised
     request_id: str
     span_context: SpanContext | None = None  # the request's span, linked from the batch span
+    top_k: int = 1  # how many ranked labels to send back
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -241,9 +245,7 @@ class Classifier:
             batch = torch.empty((len(images), *images[0].shape), memory_format=self.memory_format)
             return torch.stack(images, out=batch)
 
-    def _forward_inputs(
-        self, items: Sequence[ImageInput], threads: int | None
-    ) -> list[torch.Tensor]:
+    def _forward_inputs(self, items: Sequence[ImageInput], threads: int | None) -> list[Ranked]:
         started = time.perf_counter()
         probabilities = self.forward(self.stack([item.pixels for item in items]), threads=threads)
         # Runs in the model thread, inside the caller's context: this lands on the batch span.
@@ -255,12 +257,13 @@ class Classifier:
                 "seconds": time.perf_counter() - started,
             },
         )
-        return list(probabilities.unbind(0))
+        # Ranked here, once per batch, so the event loop gets plain lists and makes no torch
+        # call: each one releases the GIL, and taking it back can cost the loop a switch
+        # interval (5 ms) while decode threads hold it.
+        return self.rank(probabilities, [item.top_k for item in items])
 
-    async def predict_batch(
-        self, items: Sequence[ImageInput], info: BatchInfo
-    ) -> list[torch.Tensor]:
-        """Run one forward pass for a batch; one probability vector per item."""
+    async def predict_batch(self, items: Sequence[ImageInput], info: BatchInfo) -> list[Ranked]:
+        """Run one forward pass for a batch; each item's ``top_k`` ranked labels."""
         # Executors do not carry contextvars over; the active span must reach the model
         # thread, so run the call inside a copy of this context.
         context = contextvars.copy_context()
@@ -301,13 +304,20 @@ class Classifier:
             )
         return time.perf_counter() - started
 
-    def top_k(self, probabilities: torch.Tensor, k: int) -> list[tuple[str, float]]:
-        """The ``k`` most likely labels with their probabilities, most likely first."""
-        values, indices = torch.topk(probabilities, k)
+    def rank(self, probabilities: torch.Tensor, ks: Sequence[int]) -> list[Ranked]:
+        """Each row's ``ks[i]`` most likely labels, most likely first, from one ``topk``."""
+        values, indices = torch.topk(probabilities, max(ks))
+        labels = self.labels
         return [
-            (self.labels[i], float(v))
-            for v, i in zip(values.tolist(), indices.tolist(), strict=True)
+            [(labels[i], v) for v, i in zip(row_values[:k], row_indices[:k], strict=True)]
+            for row_values, row_indices, k in zip(
+                values.tolist(), indices.tolist(), ks, strict=True
+            )
         ]
+
+    def top_k(self, probabilities: torch.Tensor, k: int) -> Ranked:
+        """The ``k`` most likely labels of one probability vector, most likely first."""
+        return self.rank(probabilities[None], [k])[0]
 
     def close(self) -> None:
         """Stop the model threads once their batches end; a batch still running is abandoned.

@@ -173,22 +173,32 @@ def check_pinned_padding(classifier: Classifier, images: int = 3) -> CheckResult
     return CheckResult("padding and pinned memory", not problems, detail)
 
 
-def _inputs(pixels: torch.Tensor, tag: str) -> list[ImageInput]:
-    return [ImageInput(pixels=p, request_id=f"{tag}-{i}") for i, p in enumerate(pixels)]
+def _inputs(pixels: torch.Tensor, tag: str, classes: int) -> list[ImageInput]:
+    return [
+        ImageInput(pixels=p, request_id=f"{tag}-{i}", top_k=classes) for i, p in enumerate(pixels)
+    ]
 
 
 async def _predict_together(
     classifier: Classifier, batches: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """Every batch through ``predict_batch`` at once, as the batcher dispatches them."""
+    """Every batch through ``predict_batch`` at once, as the batcher dispatches them.
+
+    Each item asks for every class ranked, so its probability vector can be rebuilt.
+    """
     now = time.monotonic()
+    labels = classifier.labels
     calls = [
         classifier.predict_batch(
-            _inputs(batch, str(i)), BatchInfo(len(batch), "full", now, (0.0,) * len(batch))
+            _inputs(batch, str(i), len(labels)),
+            BatchInfo(len(batch), "full", now, (0.0,) * len(batch)),
         )
         for i, batch in enumerate(batches)
     ]
-    return [torch.stack(rows) for rows in await asyncio.gather(*calls)]
+    return [
+        torch.tensor([[dict(ranked)[label] for label in labels] for ranked in rows])
+        for rows in await asyncio.gather(*calls)
+    ]
 
 
 def _record_calls(classifier: Classifier) -> list[tuple[str, float, float]]:

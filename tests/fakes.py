@@ -1,10 +1,12 @@
-"""Fake batch functions for batcher tests: recording, gated, failing, miscounting."""
+"""Fakes and spies: batch functions for batcher tests, a classifier spy, a torch-call counter."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
 from typing import Any
+
+from torch.overrides import TorchFunctionMode
 
 from batching_server.batcher import BatchInfo
 
@@ -16,6 +18,7 @@ __all__ = [
     "RecordingModel",
     "RecordingObserver",
     "SpyClassifier",
+    "TorchCalls",
 ]
 
 
@@ -142,3 +145,15 @@ class SpyClassifier:
         self.warmup_started.set()
         await self.warmup_gate.wait()
         return await self.real.warmup(batch_sizes)  # type: ignore[no-any-return]
+
+
+class TorchCalls(TorchFunctionMode):
+    """Records the name of every torch call made in this thread while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.names.append(getattr(func, "__name__", repr(func)))
+        return func(*args, **(kwargs or {}))

@@ -20,7 +20,7 @@ from batching_server.appkeys import READINESS
 from batching_server.model import Classifier
 from batching_server.preprocess import Preprocessor
 from tests.conftest import AppClient, make_settings, saturate
-from tests.fakes import SpyClassifier
+from tests.fakes import SpyClassifier, TorchCalls
 from tests.images import PHOTOS, encode, photo, photo_bytes
 
 JPEG = photo_bytes("chelsea.png")
@@ -67,6 +67,20 @@ async def test_predict_classifies_a_photo(app_client: AppClient, classifier: Cla
     assert body["confidence"] == pytest.approx(confidence, abs=1e-5)
     assert body["request_id"] == response.headers["X-Request-ID"]
     assert set(body) == {"prediction", "confidence", "request_id"}
+
+
+async def test_the_event_loop_makes_no_torch_call_per_request(app_client: AppClient) -> None:
+    """Ranking happens in the model thread, once per batch.
+
+    Each torch call releases the GIL, and taking it back can keep the loop waiting a switch
+    interval (5 ms) while decode threads hold it.
+    """
+    client = await app_client()
+    with TorchCalls() as calls:  # records this thread's calls only: the event loop's
+        response = await client.post("/predict?top_k=3", data=form(JPEG, JPEG))
+        assert response.status == 200
+    assert calls.names == []
+    assert len((await response.json())["predictions"][1]["top_k"]) == 3
 
 
 async def test_top_k(app_client: AppClient) -> None:

@@ -80,6 +80,14 @@ def test_top_k_is_sorted_and_labelled(classifier: Classifier) -> None:
     assert scores[0] == pytest.approx(float(probabilities[999]))
 
 
+def test_rank_gives_each_row_its_own_k_from_one_batch(classifier: Classifier) -> None:
+    rows = torch.stack([torch.arange(1000.0), torch.arange(1000.0).flip(0)]).softmax(dim=1)
+    first, second = classifier.rank(rows, [3, 1])
+    assert [label for label, _ in first] == [LABELS[999], LABELS[998], LABELS[997]]
+    assert [label for label, _ in second] == [LABELS[0]]
+    assert second[0][1] == pytest.approx(float(rows[1, 0]))
+
+
 def test_random_weights_are_seeded() -> None:
     def first_weight(seed: int) -> torch.Tensor:
         loaded = load_classifier(make_settings(model={"seed": seed}).model)

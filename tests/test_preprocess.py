@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile, ImageOps
-from torch.overrides import TorchFunctionMode
 from torchvision.models import ResNet50_Weights
 
 from batching_server.errors import BadImageError, ImageTooLargeError
 from batching_server.model import Classifier
 from batching_server.preprocess import Preprocessor
 
+from .fakes import TorchCalls
 from .images import PHOTOS, data_path, encode, photo, photo_bytes
 
 V1 = ResNet50_Weights.IMAGENET1K_V1.transforms()
@@ -361,16 +361,6 @@ def test_fast_resize_is_channels_last() -> None:
     assert preprocessor(fast_resize=True)(photo_bytes()).stride() == (1, 224 * 3, 3)
 
 
-class _TorchCalls(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.names.append(getattr(func, "__name__", repr(func)))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("size", [(500, 375), (375, 500)], ids=str)
 def test_fast_resize_makes_few_torch_calls(size: tuple[int, int]) -> None:
     """Each torch call releases the GIL and takes it back: a chance for the loop to wait.
@@ -380,7 +370,7 @@ def test_fast_resize_makes_few_torch_calls(size: tuple[int, int]) -> None:
     """
     prep = preprocessor(fast_resize=True)
     image = prep.decode(encode(noise_image(*size), "JPEG"))
-    with _TorchCalls() as calls:
+    with TorchCalls() as calls:
         prep.to_tensor(image)
     # Metadata reads are answered without releasing the GIL.
     releasing = [name for name in calls.names if name not in {"stride", "storage_offset"}]
