@@ -161,7 +161,7 @@ def _model_ctx(
                 load_classifier,
                 settings.model,
                 batching=settings.batching,
-                niceness=settings.server.worker_niceness,
+                niceness=settings.server.model_niceness,
             )
         app[CLASSIFIER] = classifier
         app[METRICS].describe_model(

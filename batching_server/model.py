@@ -350,7 +350,7 @@ def load_classifier(
 ) -> Classifier:
     """Load ResNet-50 as ``settings`` say; raises ``ModelLoadError`` with the fix.
 
-    ``niceness`` is added to the model thread's (see ``server.worker_niceness``).
+    ``niceness`` is added to the model threads' (see ``server.model_niceness``).
     """
     batching = batching or BatchingSettings()
     device = resolve_device(settings.device)

@@ -167,7 +167,10 @@ class ServerSettings:
         30.0, _number(0, 3600), "time to finish accepted requests after SIGTERM"
     )
     worker_niceness: int = _setting(
-        10, _integer(0, 19), "added to the decode and model threads' nice value (Linux)"
+        10, _integer(0, 19), "added to the decode threads' nice value (Linux)"
+    )
+    model_niceness: int = _setting(
+        19, _integer(0, 19), "added to the model threads' nice value (Linux)"
     )
 
 

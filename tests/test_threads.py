@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from batching_server.appkeys import BATCHER, PREPROCESS_POOL
+from batching_server.app import create_app
+from batching_server.appkeys import BATCHER, CLASSIFIER, PREPROCESS_POOL
 from batching_server.model import load_classifier
 from batching_server.threads import (
     ThreadPlan,
@@ -89,6 +90,21 @@ async def test_decode_pool_threads_are_lowered(app_client: AppClient) -> None:
     client = await app_client(server={"worker_niceness": 5})
     pool = client.app[PREPROCESS_POOL]
     assert await asyncio.wrap_future(pool.submit(thread_niceness)) == base + 5
+    assert thread_niceness() == base
+
+
+async def test_model_and_decode_threads_get_their_own_niceness(aiohttp_client: Any) -> None:
+    base = thread_niceness()
+    settings = make_settings(
+        server={"worker_niceness": 4, "model_niceness": 13},  # values no other test uses
+        model={"warmup": False},
+        batching={"max_batch_size": 1},
+    )
+    client = await aiohttp_client(create_app(settings))
+    await client.app[CLASSIFIER].warmup([1])  # starts a model thread
+    pool = client.app[PREPROCESS_POOL]
+    assert await asyncio.wrap_future(pool.submit(thread_niceness)) == min(19, base + 4)
+    assert min(19, base + 13) in niceness_of_every_thread()
     assert thread_niceness() == base
 
 
