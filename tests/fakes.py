@@ -128,9 +128,6 @@ class SpyClassifier:
         self.warmup_started = asyncio.Event()
         self.warmed_sizes: list[int] = []
 
-    def top_k(self, probabilities: Any, k: int) -> list[tuple[str, float]]:
-        return self.real.top_k(probabilities, k)  # type: ignore[no-any-return]
-
     async def predict_batch(self, items: Sequence[Any], info: BatchInfo) -> list[Any]:
         self.batch_sizes.append(len(items))
         self.started.set()
