@@ -27,7 +27,7 @@ from .appkeys import (
     UPLOAD_SLOTS,
 )
 from .errors import BadRequestError, DeadlineExceededError, NotReadyError, ServiceError
-from .model import ImageInput
+from .model import ImageInput, Ranked
 from .preprocess import Preprocessor
 from .responses import json_response
 from .uploads import Upload, read_uploads
@@ -143,13 +143,12 @@ async def _upload_slot(request: web.Request, timeout_s: float) -> AsyncIterator[
         slots.release()
 
 
-def _result(labels_top: list[tuple[str, float]], top_k: int | None) -> dict[str, Any]:
-    label, confidence = labels_top[0]
+def _result(ranked: Ranked, top_k: int | None) -> dict[str, Any]:
+    # ``ranked`` holds exactly the labels the request asked for (one without ``top_k``).
+    label, confidence = ranked[0]
     result: dict[str, Any] = {"prediction": label, "confidence": confidence}
     if top_k is not None:
-        result["top_k"] = [
-            {"label": name, "confidence": score} for name, score in labels_top[:top_k]
-        ]
+        result["top_k"] = [{"label": name, "confidence": score} for name, score in ranked]
     return result
 
 
