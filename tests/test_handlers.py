@@ -312,6 +312,29 @@ async def test_huge_exif_and_icc_blobs_are_classified(app_client: AppClient) -> 
     assert (await response.json())["prediction"]
 
 
+async def test_an_upload_is_read_in_large_pieces(
+    app_client: AppClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each read copies a window to look for the boundary; aiohttp's default of 8 KiB a read
+    # meant dozens of reads (and awaits) per photo.
+    reads: list[int] = []
+    read_chunk = multipart.BodyPartReader.read_chunk
+
+    async def counted(self: multipart.BodyPartReader, size: int = 8192) -> bytes:
+        chunk = await read_chunk(self, size)
+        reads.append(len(chunk))
+        return chunk
+
+    monkeypatch.setattr(multipart.BodyPartReader, "read_chunk", counted)
+    client = await app_client()
+    data = encode(photo(), "JPEG", icc_profile=bytes(range(256)) * 1024)  # about 300 KB
+    upload = FormData()
+    upload.add_field("file", io.BytesIO(data), filename="x.jpg", content_type="image/jpeg")
+    assert (await client.post("/predict", data=upload)).status == 200
+    assert sum(reads) == len(data)
+    assert len(reads) < len(data) // (8 * 1024) // 4
+
+
 async def test_chunked_body_over_the_limit_is_413(app_client: AppClient) -> None:
     client = await app_client(limits={"max_upload_bytes": 10_000})
     payload = form(JPEG)()  # the multipart writer, so the body can be streamed
