@@ -240,6 +240,12 @@ class Classifier:
     def stack(self, images: list[torch.Tensor]) -> torch.Tensor:
         """One batch of (3, 224, 224) images, in the model's memory layout."""
         with torch.inference_mode():
+            if len(images) == 1:
+                # A lone image needs no copy when it is in the model's layout already (the
+                # preprocessor's are): a batch of one is a view of it.
+                single = images[0].unsqueeze(0)
+                if single.is_contiguous(memory_format=self.memory_format):
+                    return single
             # Stacked straight into the model's layout: the preprocessor's images are
             # channels-last already, so this is the only copy.
             batch = torch.empty((len(images), *images[0].shape), memory_format=self.memory_format)

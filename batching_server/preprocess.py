@@ -222,10 +222,13 @@ class Preprocessor:
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         """The model input for a decoded RGB image."""
         image = _limit_aspect(image)
-        if self._fast is not None:
-            return self._fast(image)
-        tensor: torch.Tensor = self.transform(image)
-        return tensor
+        # An inference tensor, as the model's batches are: a lone image then goes to the
+        # model as it is, with no copy (a normal tensor would be copied into one).
+        with torch.inference_mode():
+            if self._fast is not None:
+                return self._fast(image)
+            tensor: torch.Tensor = self.transform(image)
+            return tensor
 
     def __call__(self, data: bytes) -> torch.Tensor:
         """Decode and transform; raises ``BadImageError`` or ``ImageTooLargeError``."""

@@ -203,6 +203,12 @@ def test_stack_builds_an_inference_batch_in_the_model_layout(channels_last: bool
         assert torch.equal(batch, torch.stack(images))
         assert batch.is_contiguous(memory_format=loaded.memory_format)
         assert batch.is_inference()
+        # A lone image in the model's layout (the preprocessor's) is used as it is.
+        single = loaded.stack(images[:1])
+        assert torch.equal(single, images[0].unsqueeze(0))
+        assert single.is_contiguous(memory_format=loaded.memory_format)
+        assert single.is_inference()
+        assert (single.data_ptr() == images[0].data_ptr()) is channels_last
     finally:
         loaded.close()
 
