@@ -274,6 +274,11 @@ class Batcher(Generic[T, R]):
         self._wakeup.set()
         try:
             async with asyncio.timeout(timeout_s):
+                if len(pending) == 1:
+                    # Awaited directly: gather wakes its caller a loop round after the
+                    # result (its own callback runs first), and under load a round is
+                    # every other ready callback.
+                    return [await pending[0].future]
                 return list(await asyncio.gather(*(p.future for p in pending)))
         except TimeoutError:
             self._withdraw(pending, "expired")

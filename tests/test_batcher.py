@@ -255,6 +255,26 @@ async def test_submit_many_keeps_order_and_shares_batches() -> None:
     await batcher.close()
 
 
+async def test_a_one_item_caller_wakes_a_loop_round_before_a_gathered_one() -> None:
+    # Its result is awaited directly: gather would add a round of its own, and under load
+    # a round is every other ready callback.
+    model = GatedModel()
+    batcher = make(model, max_batch_size=3)
+    one = asyncio.create_task(batcher.submit(1))
+    many = asyncio.create_task(batcher.submit_many([2, 3]))
+    await settle()
+    assert model.batches == [[1, 2, 3]]
+    model.gate.set()
+    for _ in range(20):  # loop rounds, one at a time
+        if one.done():
+            break
+        await asyncio.sleep(0)
+    assert one.done()
+    assert not many.done()
+    assert (one.result(), await many) == (10, [20, 30])
+    await batcher.close()
+
+
 # --- cancellation, deadlines, admission -------------------------------------------------------
 
 
