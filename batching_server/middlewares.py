@@ -40,7 +40,7 @@ def _route(request: web.Request) -> str:
 
 @web.middleware
 async def request_context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Assign the request id, turn every error into JSON, then count, time and log it."""
+    """Assign the request id, turn every error into JSON, send it, then count and log it."""
     started = time.perf_counter()
     request_id = _request_id(request)
     request[REQUEST_ID] = request_id
@@ -99,12 +99,21 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
     finally:
         metrics.in_flight.dec({})
     response.headers[REQUEST_ID_HEADER] = request_id
+    status = response.status
+    try:
+        # Sent before it is counted and logged: a client waits for the answer, not for the
+        # bookkeeping (about 0.2 ms here right after a forward pass, with cold caches).
+        # aiohttp then finds the response prepared and finished and writes nothing more.
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        status, error_type = 499, "client_closed_request"
     seconds = time.perf_counter() - started
     route = _route(request)
     metrics.observe_request(
         method=request.method,
         endpoint=route,
-        status=response.status,
+        status=status,
         seconds=seconds,
         error_type=error_type,
     )
@@ -113,7 +122,7 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
         request_id=request_id,
         method=request.method,
         route=route,
-        status=response.status,
+        status=status,
         duration_ms=round(seconds * 1000, 3),
         images=request.get(IMAGE_COUNT, 0),
         **({"error_type": error_type} if error_type else {}),

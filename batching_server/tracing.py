@@ -6,6 +6,8 @@ to each request span instead, as the OpenTelemetry specification advises for bat
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import time
 import warnings
@@ -175,14 +177,22 @@ def traced_batch_function(
         ):
             started = time.perf_counter()
             results = await batch_fn(items, info)
-            # Logged inside the span, so the line carries the batch's trace_id.
-            log.info(
-                "batch_completed",
-                size=info.size,
-                dispatch_reason=info.reason,
-                queue_wait_ms_max=round(max(waits_ms), 3),
-                inference_ms=round((time.perf_counter() - started) * 1000, 3),
-                request_ids=sorted({item.request_id for item in items}),
+            # Logged once the batch's answers are out: the batcher resolves each waiting
+            # request in this same step, and their handlers run in the loop's next round,
+            # so a callback queued now that queues the line then writes it after them. The
+            # callbacks carry this context, so the line still gets the batch's trace_id.
+            loop = asyncio.get_running_loop()
+            loop.call_soon(
+                loop.call_soon,
+                functools.partial(
+                    log.info,
+                    "batch_completed",
+                    size=info.size,
+                    dispatch_reason=info.reason,
+                    queue_wait_ms_max=round(max(waits_ms), 3),
+                    inference_ms=round((time.perf_counter() - started) * 1000, 3),
+                    request_ids=sorted({item.request_id for item in items}),
+                ),
             )
             return results
 

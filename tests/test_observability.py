@@ -11,9 +11,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import aiohttp
 import pytest
 import structlog
-from aiohttp import FormData
+from aiohttp import FormData, web
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -275,6 +276,48 @@ async def test_log_lines_are_json_and_correlate_with_spans(
     assert batch_line["request_ids"] == request_ids
     assert (batch_line["size"], batch_line["dispatch_reason"]) == (2, "full")
     assert batch_line["inference_ms"] > 0
+
+
+async def test_answers_go_out_before_their_request_and_batch_lines(
+    app_client: AppClient, json_logs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Logging right after a forward pass is slow (cold caches): the client must not wait
+    # for it.
+    logged_at_send: list[list[str]] = []
+    write_eof = web.StreamResponse.write_eof
+
+    async def recording_write_eof(self: web.StreamResponse, data: bytes = b"") -> None:
+        logged_at_send.append([line["event"] for line in json_logs()])
+        await write_eof(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write_eof", recording_write_eof)
+    client = await app_client()
+    assert (await client.post("/predict", data=form(JPEG))).status == 200
+    assert "request_completed" not in logged_at_send[0]
+    assert "batch_completed" not in logged_at_send[0]
+    events = [line["event"] for line in json_logs()]
+    assert events.count("request_completed") == events.count("batch_completed") == 1
+
+
+async def test_a_client_gone_before_its_answer_is_counted_as_closed(
+    app_client: AppClient, json_logs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def reset(self: web.StreamResponse, data: bytes = b"") -> None:
+        raise ConnectionResetError("the client went away")
+
+    client = await app_client()
+    monkeypatch.setattr(web.StreamResponse, "write_eof", reset)
+    with pytest.raises(aiohttp.ClientError):
+        await (await client.post("/predict", data=form(JPEG))).read()
+    monkeypatch.undo()
+    (line,) = [line for line in json_logs() if line.get("route") == "/predict"]
+    assert (line["event"], line["status"], line["error_type"]) == (
+        "request_failed",
+        499,
+        "client_closed_request",
+    )
+    samples = await scrape(client)
+    assert value(samples, "http_requests_total", method="POST", endpoint="/predict", status="4xx")
 
 
 async def test_without_an_exporter_spans_carry_ids_and_record_nothing(
