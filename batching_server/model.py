@@ -242,8 +242,13 @@ class Classifier:
         with torch.inference_mode():
             if len(images) == 1:
                 # A lone image needs no copy when it is in the model's layout already (the
-                # preprocessor's are): a batch of one is a view of it.
-                single = images[0].unsqueeze(0)
+                # preprocessor's are): a batch of one is a view of it. Its batch stride is the
+                # image's size, as a stacked batch's is: compiled graphs guard on every
+                # stride, even of a dimension of size 1 (unsqueeze's would recompile).
+                image = images[0]
+                single = image.as_strided(
+                    (1, *image.shape), (image.numel(), *image.stride()), image.storage_offset()
+                )
                 if single.is_contiguous(memory_format=self.memory_format):
                     return single
             # Stacked straight into the model's layout: the preprocessor's images are

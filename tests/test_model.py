@@ -207,6 +207,10 @@ def test_stack_builds_an_inference_batch_in_the_model_layout(channels_last: bool
         single = loaded.stack(images[:1])
         assert torch.equal(single, images[0].unsqueeze(0))
         assert single.is_contiguous(memory_format=loaded.memory_format)
+        # Every stride as a stacked batch's: compiled graphs guard on them all.
+        assert single.stride() == torch.stack(images[:1]).contiguous(
+            memory_format=loaded.memory_format
+        ).stride()
         assert single.is_inference()
         assert (single.data_ptr() == images[0].data_ptr()) is channels_last
     finally:
