@@ -62,7 +62,7 @@ class SoloChoice:
 
     Two threads are not always faster: one pass's OpenMP team waits at every barrier for
     its slower thread, and here a core's speed swings by 2x within seconds (measured: one
-    thread 15-37 ms a pass, two threads 22-26). Passes run the way that is faster now, from
+    thread 15-37 ms a pass, two threads 14-26). Passes run the way that is faster now, from
     a moving average of each way's recent passes; every ``explore_every``-th pass runs the
     other way, so a change is noticed.
     """
