@@ -26,13 +26,7 @@ from .acceleration import autocast, choose_precision, compile_module, padded_siz
 from .batcher import BatchInfo
 from .errors import ModelLoadError
 from .settings import BatchingSettings, ModelSettings
-from .threads import (
-    SoloChoice,
-    ThreadPlan,
-    available_cores,
-    configure_worker_thread,
-    plan_threads,
-)
+from .threads import ThreadPlan, available_cores, configure_worker_thread, plan_threads
 
 __all__ = ["LABELS", "Classifier", "ImageInput", "Ranked", "load_classifier", "resolve_device"]
 
@@ -178,8 +172,6 @@ class Classifier:
                 configure_worker_thread, torch_threads=threads.threads, niceness=niceness
             ),
         )
-        # Times a lone image's passes both ways and runs them the faster way.
-        self.solo_choice = SoloChoice()
         # A lone image's pass gets a thread of its own that stays at the solo thread count.
         # Switching one thread's count for each lone image cost about 2 ms of a 10-26 ms pass:
         # each torch.set_num_threads clears that thread's cache of oneDNN conv primitives.
@@ -264,25 +256,22 @@ class Classifier:
             batch = torch.empty((len(images), *images[0].shape), memory_format=self.memory_format)
             return torch.stack(images, out=batch)
 
-    def _forward_inputs(
-        self, items: Sequence[ImageInput], threads: int | None
-    ) -> tuple[list[Ranked], float]:
+    def _forward_inputs(self, items: Sequence[ImageInput], threads: int | None) -> list[Ranked]:
         started = time.perf_counter()
         probabilities = self.forward(self.stack([item.pixels for item in items]), threads=threads)
-        seconds = time.perf_counter() - started
         # Runs in the model thread, inside the caller's context: this lands on the batch span.
         trace.get_current_span().add_event(
             "forward_pass",
             {
                 "thread": threading.current_thread().name,
                 "torch_threads": threads or self.threads.threads,
-                "seconds": seconds,
+                "seconds": time.perf_counter() - started,
             },
         )
         # Ranked here, once per batch, so the event loop gets plain lists and makes no torch
         # call: each one releases the GIL, and taking it back can cost the loop a switch
         # interval (5 ms) while decode threads hold it.
-        return self.rank(probabilities, [item.top_k for item in items]), seconds
+        return self.rank(probabilities, [item.top_k for item in items])
 
     async def predict_batch(self, items: Sequence[ImageInput], info: BatchInfo) -> list[Ranked]:
         """Run one forward pass for a batch; each item's ``top_k`` ranked labels."""
@@ -290,14 +279,11 @@ class Classifier:
         # thread, so run the call inside a copy of this context.
         context = contextvars.copy_context()
         executor, threads = self._executor, None
-        lone: bool | None = None  # for a lone image: whether it runs on every core
         with self._busy_lock:
             # Counted here, on the loop, so that two batches dispatched back to back cannot
             # both find the model idle before either thread has started.
             if self._solo_executor is not None and not self._busy and len(items) == 1:
-                lone = self.solo_choice.pick()
-                if lone:
-                    executor, threads = self._solo_executor, self.threads.solo_threads
+                executor, threads = self._solo_executor, self.threads.solo_threads
             self._busy += 1
         try:
             future = executor.submit(context.run, self._forward_inputs, items, threads)
@@ -306,10 +292,7 @@ class Classifier:
             raise
         # Also when the pass never starts (cancelled while queued, or at close).
         future.add_done_callback(self._pass_ended)
-        ranked, seconds = await asyncio.wrap_future(future)
-        if lone is not None:
-            self.solo_choice.observe(lone, seconds)
-        return ranked
+        return await asyncio.wrap_future(future)
 
     def _pass_ended(self, _future: object = None) -> None:
         with self._busy_lock:

@@ -11,7 +11,6 @@ import structlog
 import torch
 
 __all__ = [
-    "SoloChoice",
     "ThreadPlan",
     "available_cores",
     "configure_worker_thread",
@@ -55,46 +54,6 @@ def plan_threads(
         return ThreadPlan(concurrent_batches, num_threads, num_threads)
     threads = max(1, cores // concurrent_batches)
     return ThreadPlan(concurrent_batches, threads, max(threads, cores))
-
-
-class SoloChoice:
-    """Whether a lone image runs faster on every core or on one, judged by timing both.
-
-    Two threads are not always faster: one pass's OpenMP team waits at every barrier for
-    its slower thread, and here a core's speed swings by 2x within seconds (measured: one
-    thread 15-37 ms a pass, two threads 14-26). Passes run the way that is faster now, from
-    a moving average of each way's recent passes; every ``explore_every``-th pass runs the
-    other way, so a change is noticed.
-    """
-
-    def __init__(self, *, explore_every: int = 8, weight: float = 0.5) -> None:
-        self.explore_every = explore_every
-        self.weight = weight  # of the newest pass in each way's moving average
-        self.seconds: dict[bool, float] = {}  # per way (True: every core)
-        self._passes = 0
-
-    @property
-    def preferred(self) -> bool:
-        """The way that is faster now (every core until both have been timed)."""
-        if len(self.seconds) < 2:
-            return True
-        return self.seconds[True] <= self.seconds[False]
-
-    def pick(self) -> bool:
-        """The way to run the next lone image: True for every core, False for one."""
-        self._passes += 1
-        if len(self.seconds) < 2:
-            # Each way once, every core first.
-            return True not in self.seconds
-        explore = self._passes % self.explore_every == 0
-        return self.preferred != explore
-
-    def observe(self, every_core: bool, seconds: float) -> None:
-        """Record how long a lone image's pass took that way."""
-        previous = self.seconds.get(every_core)
-        self.seconds[every_core] = (
-            seconds if previous is None else previous + self.weight * (seconds - previous)
-        )
 
 
 def thread_niceness() -> int:

@@ -23,7 +23,7 @@ from batching_server.model import (
     resolve_device,
 )
 from batching_server.preprocess import Preprocessor
-from batching_server.threads import SoloChoice, ThreadPlan
+from batching_server.threads import ThreadPlan
 from tests.conftest import make_settings
 from tests.images import PHOTOS, photo_bytes
 
@@ -218,52 +218,6 @@ def test_stack_builds_an_inference_batch_in_the_model_layout(channels_last: bool
         loaded.close()
 
 
-class AlwaysEveryCore(SoloChoice):
-    def pick(self) -> bool:
-        return True
-
-
-class ScriptedChoice(SoloChoice):
-    """Runs lone images the given ways, in order, and records what each pass took."""
-
-    def __init__(self, ways: list[bool]) -> None:
-        super().__init__()
-        self.ways = ways
-        self.observed: list[tuple[bool, float]] = []
-
-    def pick(self) -> bool:
-        return self.ways.pop(0)
-
-    def observe(self, every_core: bool, seconds: float) -> None:
-        self.observed.append((every_core, seconds))
-
-
-async def test_a_lone_image_runs_the_way_its_choice_says_and_reports_the_time() -> None:
-    plan = ThreadPlan(2, 1, 2)
-    classifier = Classifier(
-        module=resnet50(weights=None), device=torch.device("cpu"), weights="random", threads=plan
-    )
-    seen: list[tuple[str, int]] = []
-
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        seen.append((threading.current_thread().name.rsplit("_", 1)[0], torch.get_num_threads()))
-        return torch.zeros(batch.shape[0], 1000)
-
-    classifier._run = run
-    classifier.solo_choice = choice = ScriptedChoice([True, False, True])
-    info = BatchInfo(size=1, reason="idle", dispatched_at=0.0, queue_waits_s=(0.0,))
-    image = ImageInput(pixels=torch.zeros(3, 224, 224), request_id="r")
-    try:
-        for _ in range(3):
-            await classifier.predict_batch([image], info)
-        await classifier.predict_batch([image, image], info)  # not a lone image: not asked
-        assert seen == [("model-solo", 2), ("model", 1), ("model-solo", 2), ("model", 1)]
-        assert [way for way, _ in choice.observed] == [True, False, True]
-        assert all(seconds > 0 for _, seconds in choice.observed)
-    finally:
-        classifier.close()
-
-
 async def test_a_lone_single_image_gets_every_core() -> None:
     """A one-image batch with the model otherwise idle runs on the solo thread count; beside
     another pass, or with more images, it gets the per-pass count (the cores shared out)."""
@@ -311,7 +265,6 @@ async def test_lone_images_never_switch_a_threads_count(monkeypatch: pytest.Monk
         return torch.zeros(batch.shape[0], 1000)
 
     classifier._run = run
-    classifier.solo_choice = AlwaysEveryCore()
     info = BatchInfo(size=1, reason="idle", dispatched_at=0.0, queue_waits_s=(0.0,))
     image = ImageInput(pixels=torch.zeros(3, 224, 224), request_id="r")
     try:

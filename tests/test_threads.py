@@ -17,7 +17,6 @@ from batching_server.app import create_app
 from batching_server.appkeys import BATCHER, CLASSIFIER, PREPROCESS_POOL
 from batching_server.model import load_classifier
 from batching_server.threads import (
-    SoloChoice,
     ThreadPlan,
     available_cores,
     configure_worker_thread,
@@ -147,20 +146,3 @@ async def test_model_threads_and_batcher_follow_the_plan(app_client: AppClient) 
         assert client.app[BATCHER].max_concurrent_batches == expected.concurrent_batches
     finally:
         classifier.close()
-
-
-def test_solo_choice_times_both_ways_then_runs_the_faster_and_keeps_checking() -> None:
-    choice = SoloChoice(explore_every=4)
-    assert choice.pick() is True  # every core first
-    choice.observe(True, 0.030)
-    assert choice.pick() is False  # then one thread, once
-    choice.observe(False, 0.020)
-    assert choice.preferred is False
-    # One thread is faster: it runs three passes in four, the fourth checks every core.
-    picks = [choice.pick() for _ in range(8)]
-    assert picks == [False, True, False, False, False, True, False, False]
-    # Every core turns faster (and one thread slower): the averages follow.
-    choice.observe(True, 0.010)
-    assert choice.preferred is True
-    choice.observe(False, 0.050)
-    assert [choice.pick() for _ in range(4)] == [True, False, True, True]
