@@ -326,10 +326,6 @@ class Classifier:
             )
         ]
 
-    def top_k(self, probabilities: torch.Tensor, k: int) -> Ranked:
-        """The ``k`` most likely labels of one probability vector, most likely first."""
-        return self.rank(probabilities[None], [k])[0]
-
     def close(self) -> None:
         """Stop the model threads once their batches end; a batch still running is abandoned.
 

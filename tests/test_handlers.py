@@ -36,7 +36,7 @@ def form(*files: bytes, field: str = "file", filename: str | None = "image.jpg")
 def expected(classifier: Classifier, image: bytes) -> tuple[str, float]:
     """The per-image answer, computed without the server."""
     tensor = Preprocessor(weights="random", max_image_pixels=10**8)(image)
-    (label, confidence), *_ = classifier.top_k(classifier.forward(tensor[None])[0], 1)
+    [[(label, confidence)]] = classifier.rank(classifier.forward(tensor[None]), [1])
     return label, confidence
 
 

@@ -71,9 +71,9 @@ def test_no_parameter_needs_a_gradient(classifier: Classifier) -> None:
     assert not any(parameter.requires_grad for parameter in classifier.module.parameters())
 
 
-def test_top_k_is_sorted_and_labelled(classifier: Classifier) -> None:
+def test_rank_is_sorted_and_labelled(classifier: Classifier) -> None:
     probabilities = torch.softmax(torch.arange(1000, dtype=torch.float32) / 100, dim=0)
-    top = classifier.top_k(probabilities, 3)
+    (top,) = classifier.rank(probabilities[None], [3])
     assert [label for label, _ in top] == [LABELS[999], LABELS[998], LABELS[997]]
     scores = [score for _, score in top]
     assert scores == sorted(scores, reverse=True)
