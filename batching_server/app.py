@@ -140,6 +140,7 @@ async def _preprocess_pool_ctx(app: web.Application) -> AsyncIterator[None]:
             configure_worker_thread,
             torch_threads=1,
             niceness=app[SETTINGS].server.worker_niceness,
+            idle=app[SETTINGS].server.sched_idle,
         ),
     )
     app[PREPROCESS_POOL] = pool
@@ -162,6 +163,7 @@ def _model_ctx(
                 settings.model,
                 batching=settings.batching,
                 niceness=settings.server.model_niceness,
+                idle=settings.server.sched_idle,
             )
         app[CLASSIFIER] = classifier
         app[METRICS].describe_model(

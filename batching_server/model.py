@@ -137,6 +137,7 @@ class Classifier:
         batch_sizes: Sequence[int] = (),
         max_batch_size: int = 1,
         niceness: int = 0,
+        idle: bool = False,
     ) -> None:
         self.device = device
         self.weights = weights
@@ -169,7 +170,10 @@ class Classifier:
             max_workers=threads.concurrent_batches,
             thread_name_prefix="model",
             initializer=functools.partial(
-                configure_worker_thread, torch_threads=threads.threads, niceness=niceness
+                configure_worker_thread,
+                torch_threads=threads.threads,
+                niceness=niceness,
+                idle=idle,
             ),
         )
         # A lone image's pass gets a thread of its own that stays at the solo thread count.
@@ -180,7 +184,10 @@ class Classifier:
                 max_workers=1,
                 thread_name_prefix="model-solo",
                 initializer=functools.partial(
-                    configure_worker_thread, torch_threads=threads.solo_threads, niceness=niceness
+                    configure_worker_thread,
+                    torch_threads=threads.solo_threads,
+                    niceness=niceness,
+                    idle=idle,
                 ),
             )
             if self._solo
@@ -354,10 +361,12 @@ def load_classifier(
     *,
     batching: BatchingSettings | None = None,
     niceness: int = 0,
+    idle: bool = False,
 ) -> Classifier:
     """Load ResNet-50 as ``settings`` say; raises ``ModelLoadError`` with the fix.
 
-    ``niceness`` is added to the model threads' (see ``server.model_niceness``).
+    ``niceness`` and ``idle`` set the model threads' priority (see ``server.model_niceness``
+    and ``server.sched_idle``).
     """
     batching = batching or BatchingSettings()
     device = resolve_device(settings.device)
@@ -384,6 +393,7 @@ def load_classifier(
         batch_sizes=batching.batch_sizes,
         max_batch_size=batching.max_batch_size,
         niceness=niceness,
+        idle=idle,
     )
     log.info(
         "model_loaded",

@@ -172,6 +172,9 @@ class ServerSettings:
     model_niceness: int = _setting(
         19, _integer(0, 19), "added to the model threads' nice value (Linux)"
     )
+    sched_idle: bool = _setting(
+        False, _boolean, "decode and model threads under SCHED_IDLE (Linux; niceness then unused)"
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -22,22 +22,31 @@ from batching_server.threads import (
     configure_worker_thread,
     plan_threads,
     thread_niceness,
+    thread_policy,
 )
 from tests.conftest import AppClient, make_settings
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux's")
 
 
-def niceness_of_every_thread() -> list[int]:
-    """The nice value of each thread of this process, from /proc (field 19 of stat)."""
+def _stat_field_of_every_thread(field: int) -> list[int]:
+    """Field ``field`` (numbered as in proc(5)) of each thread's stat, from /proc."""
     values = []
     for task in Path("/proc/self/task").iterdir():
         try:
             stat = (task / "stat").read_text()
         except FileNotFoundError:  # the thread ended meanwhile
             continue
-        values.append(int(stat.rsplit(")", 1)[1].split()[16]))
+        values.append(int(stat.rsplit(")", 1)[1].split()[field - 3]))
     return values
+
+
+def niceness_of_every_thread() -> list[int]:
+    return _stat_field_of_every_thread(19)
+
+
+def policy_of_every_thread() -> list[int]:
+    return _stat_field_of_every_thread(41)
 
 
 def test_configure_worker_thread_lowers_only_that_thread() -> None:
@@ -50,6 +59,19 @@ def test_configure_worker_thread_lowers_only_that_thread() -> None:
     with ThreadPoolExecutor(1) as worker:
         assert worker.submit(configured).result() == (min(19, base + 3), 1)
     assert thread_niceness() == base
+
+
+def test_idle_puts_only_that_thread_under_sched_idle() -> None:
+    base = thread_niceness()
+
+    def configured() -> tuple[int, int]:
+        configure_worker_thread(torch_threads=1, niceness=3, idle=True)
+        return thread_policy(), thread_niceness()
+
+    with ThreadPoolExecutor(1) as worker:
+        # The nice value is left alone: it means nothing under SCHED_IDLE.
+        assert worker.submit(configured).result() == (os.SCHED_IDLE, base)
+    assert thread_policy() == os.SCHED_OTHER
 
 
 def test_zero_niceness_leaves_the_thread_alone() -> None:
@@ -85,6 +107,21 @@ async def test_model_thread_and_its_openmp_workers_are_lowered(
         classifier.close()
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs an OpenMP team of two")
+async def test_sched_idle_puts_decode_model_and_openmp_threads_under_it(
+    aiohttp_client: Any,
+) -> None:
+    settings = make_settings(server={"sched_idle": True}, model={"warmup": False, "num_threads": 2})
+    client = await aiohttp_client(create_app(settings))
+    idle_before = policy_of_every_thread().count(os.SCHED_IDLE)
+    await client.app[CLASSIFIER].warmup([2])  # starts a model thread and its OpenMP worker
+    pool = client.app[PREPROCESS_POOL]
+    assert await asyncio.wrap_future(pool.submit(thread_policy)) == os.SCHED_IDLE
+    # The decode thread, the model thread and the OpenMP worker it started for the pass.
+    assert policy_of_every_thread().count(os.SCHED_IDLE) >= idle_before + 3
+    assert thread_policy() == os.SCHED_OTHER  # the event loop's thread keeps its policy
+
+
 async def test_decode_pool_threads_are_lowered(app_client: AppClient) -> None:
     base = thread_niceness()
     client = await app_client(server={"worker_niceness": 5})
@@ -104,6 +141,7 @@ async def test_model_and_decode_threads_get_their_own_niceness(aiohttp_client: A
     await client.app[CLASSIFIER].warmup([1])  # starts a model thread
     pool = client.app[PREPROCESS_POOL]
     assert await asyncio.wrap_future(pool.submit(thread_niceness)) == min(19, base + 4)
+    assert await asyncio.wrap_future(pool.submit(thread_policy)) == os.SCHED_OTHER
     assert min(19, base + 13) in niceness_of_every_thread()
     assert thread_niceness() == base
 
