@@ -16,7 +16,6 @@ __all__ = [
     "configure_worker_thread",
     "plan_threads",
     "thread_niceness",
-    "thread_policy",
 ]
 
 log = structlog.get_logger("batching_server.threads")
@@ -66,11 +65,6 @@ def _thread_id() -> int:
     # Linux keeps a nice value per thread, addressed by its thread id; elsewhere the
     # process's is the only one.
     return threading.get_native_id() if sys.platform == "linux" else 0
-
-
-def thread_policy() -> int:
-    """The calling thread's scheduling policy (``os.SCHED_*``; Linux)."""
-    return os.sched_getscheduler(_thread_id())
 
 
 def configure_worker_thread(*, torch_threads: int, niceness: int, idle: bool = False) -> None:

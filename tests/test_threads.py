@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,6 @@ from batching_server.threads import (
     configure_worker_thread,
     plan_threads,
     thread_niceness,
-    thread_policy,
 )
 from tests.conftest import AppClient, make_settings
 
@@ -47,6 +47,11 @@ def niceness_of_every_thread() -> list[int]:
 
 def policy_of_every_thread() -> list[int]:
     return _stat_field_of_every_thread(41)
+
+
+def thread_policy() -> int:
+    """The calling thread's scheduling policy (``os.SCHED_*``)."""
+    return os.sched_getscheduler(threading.get_native_id())
 
 
 def test_configure_worker_thread_lowers_only_that_thread() -> None:
