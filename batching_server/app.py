@@ -43,7 +43,7 @@ from .model import MODEL_NAME, Classifier, load_classifier
 from .preprocess import Preprocessor
 from .readiness import ExitCode, Readiness
 from .settings import Settings
-from .threads import available_cores, configure_worker_thread
+from .threads import available_cores, configure_worker_thread, run_queue_clock
 from .tracing import create_tracer_provider, server_span_middleware, traced_batch_function
 from .watchdog import StallWatchdog
 
@@ -122,11 +122,14 @@ def _tracing_ctx(provider: TracerProvider) -> Callable[[web.Application], AsyncI
 
 
 async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
-    watcher = asyncio.create_task(app[METRICS].watch_loop_lag(), name="loop-lag")
-    yield
-    watcher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watcher
+    with run_queue_clock() as cpu_wait:  # opened here, on the loop's thread
+        watcher = asyncio.create_task(
+            app[METRICS].watch_loop_lag(cpu_wait=cpu_wait), name="loop-lag"
+        )
+        yield
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
 
 
 async def _preprocess_pool_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
@@ -137,6 +137,18 @@ class ServiceMetrics:
             "CPU time of the event loop's thread. A rate near 1 means the loop is the limit.",
             registry=r,
         )
+        self.loop_cpu_wait = Counter(
+            "event_loop_cpu_wait_seconds_total",
+            "Time the event loop's thread waited, runnable, for a CPU (Linux).",
+            registry=r,
+        )
+        self.loop_lag_less_cpu_wait = Histogram(
+            "event_loop_lag_less_cpu_wait_seconds",
+            "Loop lag less the CPU wait in the same interval: at least this much, the process"
+            " itself (callbacks on the loop, or the GIL) kept the loop from the timer (Linux).",
+            registry=r,
+            buckets=LAG_BUCKETS,
+        )
         # Series that should exist at zero before the first event, so rate() and absent()
         # work from the first scrape.
         for reason in ("full", "timeout", "drain", "idle"):
@@ -147,6 +159,7 @@ class ServiceMetrics:
         self.in_flight.set({}, 0)
         self.padding.set({}, 0)
         self.loop_cpu.set({}, 0)
+        self.loop_cpu_wait.set({}, 0)
 
     def describe_model(
         self, *, weights: str, device: str, precision: str, module: torch.nn.Module
@@ -182,19 +195,36 @@ class ServiceMetrics:
             self.predictions.inc({"model_name": self.model_name, "prediction_class": label})
             self.confidence.add({}, confidence)
 
-    async def watch_loop_lag(self, interval_s: float = 0.02) -> None:
-        """Sample the loop's lag and its thread's CPU time forever (runs on the loop)."""
+    async def watch_loop_lag(
+        self, interval_s: float = 0.02, *, cpu_wait: Callable[[], float] | None = None
+    ) -> None:
+        """Sample the loop's lag and CPU time forever (runs on the loop).
+
+        ``cpu_wait`` reads the seconds the loop's thread has waited for a CPU so far
+        (``threads.run_queue_clock``); without it, lag is not split.
+        """
         loop = asyncio.get_running_loop()
         cpu = time.thread_time()
+        waited = cpu_wait() if cpu_wait else 0.0
         while True:
             started = loop.time()
             await asyncio.sleep(interval_s)
-            self.loop_lag.add({}, max(0.0, loop.time() - started - interval_s))
+            lag = max(0.0, loop.time() - started - interval_s)
+            self.loop_lag.add({}, lag)
             # The loop's own CPU per request is the steadiest measure of its cost: wall-clock
             # lag also counts waits for a core or the GIL.
-            now = time.thread_time()
-            self.loop_cpu.add({}, now - cpu)
-            cpu = now
+            cpu_now = time.thread_time()
+            self.loop_cpu.add({}, cpu_now - cpu)
+            cpu = cpu_now
+            if cpu_wait is None:
+                continue
+            # On a saturated machine most of a stall is the loop waiting for a core, which
+            # only fewer busy threads or more cores can cure; the rest is the process's own.
+            # A wait before the timer was due counts too, so that rest is a lower bound.
+            waited_now = cpu_wait()
+            self.loop_cpu_wait.add({}, waited_now - waited)
+            self.loop_lag_less_cpu_wait.add({}, max(0.0, lag - (waited_now - waited)))
+            waited = waited_now
 
     def render(self, accepts: Sequence[str]) -> tuple[bytes, dict[str, str]]:
         """The exposition body and its headers, in the format the scraper accepts."""

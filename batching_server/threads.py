@@ -1,10 +1,15 @@
-"""The worker threads (decode pool, model): how many, torch's thread count, and priority."""
+"""The worker threads (decode pool, model): how many, torch's thread count, and priority.
+
+Also what the scheduler did to a thread: how long it waited for a CPU.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import structlog
@@ -15,6 +20,7 @@ __all__ = [
     "available_cores",
     "configure_worker_thread",
     "plan_threads",
+    "run_queue_clock",
     "thread_niceness",
 ]
 
@@ -103,3 +109,26 @@ def _run_when_idle() -> bool:
         log.warning("sched_idle_not_applied", error=str(exc))
         return False
     return True
+
+
+@contextlib.contextmanager
+def run_queue_clock() -> Iterator[Callable[[], float] | None]:
+    """Seconds the calling thread has waited, runnable, for a CPU so far (Linux).
+
+    Yields a function that reads it, or None where the kernel does not say.
+    """
+    try:
+        # Opened once and re-read in place: /proc/thread-self names the opening thread.
+        fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+    except OSError:
+        yield None
+        return
+
+    def waited_s() -> float:
+        # "<ns on the CPU> <ns waiting on a run queue> <time slices>"
+        return int(os.pread(fd, 128, 0).split()[1]) / 1e9
+
+    try:
+        yield waited_s
+    finally:
+        os.close(fd)

@@ -238,6 +238,7 @@ def rounds_table(
                     "server_forward_ms": r["server_forward_ms"],
                     "forward_b1_ms": r["costs"]["forward_b1_ms"],
                     "lag>10ms": r["loop_lag_samples_over_10ms"],
+                    "less_wait": r["loop_lag_less_cpu_wait_samples_over_10ms"],
                 }
             )
     return rows

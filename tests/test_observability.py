@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -107,27 +108,59 @@ async def test_golden_signals_and_batch_metrics(
     }
 
 
-async def test_loop_lag_and_loop_cpu_see_a_blocking_callback() -> None:
-    metrics = ServiceMetrics(model_name="resnet50", max_batch_size=1)
-    watcher = asyncio.create_task(metrics.watch_loop_lag(interval_s=0.001))
-    await asyncio.sleep(0)  # the watcher takes its first CPU reading and goes to sleep
-    blocked = 0.03
+async def _stall_the_loop(
+    metrics: ServiceMetrics, blocked_s: float, cpu_wait: Callable[[], float] | None = None
+) -> dict[Any, float]:
+    """Hog the loop for ``blocked_s`` of CPU while the lag watcher runs; the scrape after."""
+    watcher = asyncio.create_task(metrics.watch_loop_lag(interval_s=0.001, cpu_wait=cpu_wait))
+    await asyncio.sleep(0)  # the watcher takes its first readings and goes to sleep
     started = time.thread_time()
-    while time.thread_time() - started < blocked:  # a callback that hogs the loop
+    while time.thread_time() - started < blocked_s:  # a callback that hogs the loop
         pass
     for _ in range(1000):  # bounded: the overdue timer fires within a few iterations
         await asyncio.sleep(0.001)
         samples = parse_metrics(metrics.render(["text/plain"])[0].decode())
-        if value(samples, "event_loop_cpu_seconds_total") >= blocked:
+        if value(samples, "event_loop_cpu_seconds_total") >= blocked_s:
             break
     watcher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
+    return samples
+
+
+def _samples_over(samples: dict[Any, float], histogram: str, le: str) -> float:
+    return value(samples, f"{histogram}_count") - value(samples, f"{histogram}_bucket", le=le)
+
+
+async def test_loop_lag_and_loop_cpu_see_a_blocking_callback() -> None:
+    metrics = ServiceMetrics(model_name="resnet50", max_batch_size=1)
+    blocked = 0.03
+    samples = await _stall_the_loop(metrics, blocked)
     assert value(samples, "event_loop_cpu_seconds_total") >= blocked
     # Wall time is at least CPU time, so one sample lands past the 25 ms bucket.
-    assert value(samples, "event_loop_lag_seconds_bucket", le="0.025") < value(
-        samples, "event_loop_lag_seconds_count"
-    )
+    assert _samples_over(samples, "event_loop_lag_seconds", "0.025") >= 1
+    # Without a CPU-wait clock, lag is not split.
+    assert not [n for n, _ in samples if n.startswith("event_loop_lag_less_cpu_wait")]
+    assert value(samples, "event_loop_cpu_wait_seconds_total") == 0
+
+
+@pytest.mark.parametrize("waited_per_read_s", [0.0, 1.0])
+async def test_loop_lag_less_cpu_wait_takes_out_the_wait_for_a_core(
+    waited_per_read_s: float,
+) -> None:
+    reads = itertools.count()
+    metrics = ServiceMetrics(model_name="resnet50", max_batch_size=1)
+    samples = await _stall_the_loop(metrics, 0.03, cpu_wait=lambda: next(reads) * waited_per_read_s)
+    assert _samples_over(samples, "event_loop_lag_seconds", "0.025") >= 1
+    count = value(samples, "event_loop_lag_less_cpu_wait_seconds_count")
+    assert count == value(samples, "event_loop_lag_seconds_count")
+    assert value(samples, "event_loop_cpu_wait_seconds_total") == waited_per_read_s * count
+    if waited_per_read_s:
+        # Each interval's wait for a core covers its lag: nothing is left to the process.
+        assert _samples_over(samples, "event_loop_lag_less_cpu_wait_seconds", "0.001") == 0
+    else:
+        # The clock saw no wait: the stall was the loop's own, and stays in full.
+        assert _samples_over(samples, "event_loop_lag_less_cpu_wait_seconds", "0.025") >= 1
 
 
 async def test_metrics_port_moves_metrics_off_the_api(

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from batching_server.threads import (
     available_cores,
     configure_worker_thread,
     plan_threads,
+    run_queue_clock,
     thread_niceness,
 )
 from tests.conftest import AppClient, make_settings
@@ -189,3 +192,33 @@ async def test_model_threads_and_batcher_follow_the_plan(app_client: AppClient) 
         assert client.app[BATCHER].max_concurrent_batches == expected.concurrent_batches
     finally:
         classifier.close()
+
+
+def test_run_queue_clock_reads_the_wait_for_a_core_not_the_time_on_it() -> None:
+    # This thread and a nice-10 busy process share one core: this thread, always runnable,
+    # is either on the core or waiting for it, and gets about ten elevenths of it.
+    core = min(os.sched_getaffinity(0))
+    me = threading.get_native_id()
+    hog_code = (
+        f"import os, time\nos.sched_setaffinity(0, {{{core}}})\nos.nice(10)\n"
+        "print(flush=True)\nend = time.monotonic() + 30\nwhile time.monotonic() < end: pass\n"
+    )
+    previous = os.sched_getaffinity(me)
+    with subprocess.Popen([sys.executable, "-c", hog_code], stdout=subprocess.PIPE) as hog:
+        try:
+            assert hog.stdout is not None
+            hog.stdout.readline()  # it is pinned and about to spin
+            os.sched_setaffinity(me, {core})
+            with run_queue_clock() as waited_s:
+                assert waited_s is not None
+                wall, cpu, waited = time.monotonic(), time.thread_time(), waited_s()
+                while time.monotonic() - wall < 0.5:
+                    pass
+                wall = time.monotonic() - wall
+                cpu = time.thread_time() - cpu
+                waited = waited_s() - waited
+        finally:
+            os.sched_setaffinity(me, previous)
+            hog.kill()
+    assert 0 < waited < wall / 2  # the time on the core would be most of it
+    assert waited == pytest.approx(wall - cpu, abs=0.1)
