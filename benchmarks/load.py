@@ -140,6 +140,11 @@ async def measure(
     return summarise(recorder, elapsed, before, after, concurrency=concurrency, rate=rate)
 
 
+def _over_10ms(lag: dict[float, float]) -> int:
+    """Samples in buckets above 10 ms (the buckets have a bound at 10 ms)."""
+    return int(sum(count for bound, count in lag.items() if bound > 0.01))
+
+
 def summarise(
     recorder: Recorder,
     elapsed: float,
@@ -152,7 +157,6 @@ def summarise(
     lag = histogram_delta(before, after, "event_loop_lag_seconds")
     images = sum(size * count for size, count in batches.items() if size != float("inf"))
     n_batches = sum(batches.values())
-    lag_over_10ms = sum(count for bound, count in lag.items() if bound > 0.01)
     # The same, less each sample's wait for a CPU (Linux servers): what the process itself did.
     own_lag = histogram_delta(before, after, "event_loop_lag_less_cpu_wait_seconds")
     worst_lag = max((bound for bound, count in lag.items() if count), default=0.0)
@@ -172,11 +176,9 @@ def summarise(
         "batch_size_counts": {
             int(k): int(v) for k, v in batches.items() if v and k != float("inf")
         },
-        "loop_lag_samples_over_10ms": int(lag_over_10ms),
+        "loop_lag_samples_over_10ms": _over_10ms(lag),
         "loop_lag_worst_bucket_s": worst_lag,
-        "loop_lag_less_cpu_wait_samples_over_10ms": (
-            int(sum(count for bound, count in own_lag.items() if bound > 0.01)) if own_lag else None
-        ),
+        "loop_lag_less_cpu_wait_samples_over_10ms": _over_10ms(own_lag) if own_lag else None,
         # The server's own view: a forward pass and a preprocessing under this load, to set
         # against their times alone (benchmarks.compare measures those next to its points).
         "server_forward_ms": 1000
