@@ -70,6 +70,13 @@ def warmup_sizes(max_batch_size: int, batch_sizes: Sequence[int]) -> list[int]:
     return sorted({padded_size(n, batch_sizes) for n in range(1, max_batch_size + 1)})
 
 
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def compile_module(
     module: nn.Module, *, shapes: int, cpp_wrapper: bool = False
 ) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -174,6 +174,7 @@ def _model_ctx(
             device=str(classifier.device),
             precision=classifier.precision,
             module=classifier.module,
+            compiles_after_warmup=lambda: classifier.compiles_after_warmup,
         )
         warmup = asyncio.create_task(_warm_up(app, classifier), name="model-warmup")
         try:

@@ -93,6 +93,12 @@ class ServiceMetrics:
             "Always 1; the labels describe the model being served.",
             registry=r,
         )
+        self.compiles_after_warmup = Counter(
+            "model_compiles_after_warmup_total",
+            "Graphs torch.compile built after warm-up; each made a batch wait seconds (expect 0).",
+            registry=r,
+        )
+        self._compiles_after_warmup: Callable[[], int] = lambda: 0
         self.batch_size = Histogram(
             "batch_size",
             "Images per forward pass.",
@@ -160,11 +166,20 @@ class ServiceMetrics:
         self.padding.set({}, 0)
         self.loop_cpu.set({}, 0)
         self.loop_cpu_wait.set({}, 0)
+        self.compiles_after_warmup.set({}, 0)
 
     def describe_model(
-        self, *, weights: str, device: str, precision: str, module: torch.nn.Module
+        self,
+        *,
+        weights: str,
+        device: str,
+        precision: str,
+        module: torch.nn.Module,
+        compiles_after_warmup: Callable[[], int] | None = None,
     ) -> None:
-        """Set the info metric and the model's memory."""
+        """Set the info metric and the model's memory; read the compile count at each scrape."""
+        if compiles_after_warmup is not None:
+            self._compiles_after_warmup = compiles_after_warmup
         self.info.set(
             {
                 "version": __version__,
@@ -228,6 +243,8 @@ class ServiceMetrics:
 
     def render(self, accepts: Sequence[str]) -> tuple[bytes, dict[str, str]]:
         """The exposition body and its headers, in the format the scraper accepts."""
+        # Counted by the model threads; read here, on the loop, as aioprometheus needs.
+        self.compiles_after_warmup.set({}, self._compiles_after_warmup())
         body, headers = render(self.registry, accepts)
         return body, dict(headers)
 

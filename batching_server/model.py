@@ -22,7 +22,14 @@ from opentelemetry.trace import SpanContext
 from torch import nn
 from torchvision.models import ResNet50_Weights, resnet50
 
-from .acceleration import autocast, choose_precision, compile_module, padded_size, warmup_sizes
+from .acceleration import (
+    autocast,
+    choose_precision,
+    compile_module,
+    compiled_graphs,
+    padded_size,
+    warmup_sizes,
+)
 from .batcher import BatchInfo
 from .errors import ModelLoadError
 from .settings import BatchingSettings, ModelSettings
@@ -164,6 +171,10 @@ class Classifier:
             shapes = len(warmup_sizes(max_batch_size, self.batch_sizes)) + self._solo
             self._run = compile_module(self.module, shapes=shapes, cpp_wrapper=device.type == "cpu")
         self._local = threading.local()
+        # Graphs compiled since warm-up ended: each one made a batch wait seconds. None until
+        # then, and without compile.
+        self._graphs_at_warmup: int | None = None
+        self.compiles_after_warmup = 0
         self._busy = 0  # forward passes handed to a thread and not ended; a stalled one never ends
         self._busy_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(
@@ -266,6 +277,8 @@ class Classifier:
     def _forward_inputs(self, items: Sequence[ImageInput], threads: int | None) -> list[Ranked]:
         started = time.perf_counter()
         probabilities = self.forward(self.stack([item.pixels for item in items]), threads=threads)
+        if self._graphs_at_warmup is not None:
+            self._count_compiles(self._graphs_at_warmup, len(items), threads)
         # Runs in the model thread, inside the caller's context: this lands on the batch span.
         trace.get_current_span().add_event(
             "forward_pass",
@@ -279,6 +292,22 @@ class Classifier:
         # call: each one releases the GIL, and taking it back can cost the loop a switch
         # interval (5 ms) while decode threads hold it.
         return self.rank(probabilities, [item.top_k for item in items])
+
+    def _count_compiles(self, at_warmup: int, size: int, threads: int | None) -> None:
+        # Warm-up compiles every shape the batcher can send, so a compile now means a guard
+        # that warm-up did not foresee: loud, since that batch (and, while dynamo held the
+        # GIL, every other request) waited seconds.
+        with self._busy_lock:
+            new = compiled_graphs() - at_warmup - self.compiles_after_warmup
+            if new <= 0:
+                return
+            self.compiles_after_warmup += new
+        log.warning(
+            "model_compiled_after_warmup",
+            graphs=new,
+            batch_size=size,
+            torch_threads=threads or self.threads.threads,
+        )
 
     async def predict_batch(self, items: Sequence[ImageInput], info: BatchInfo) -> list[Ranked]:
         """Run one forward pass for a batch; each item's ``top_k`` ranked labels."""
@@ -320,6 +349,8 @@ class Classifier:
             await loop.run_in_executor(
                 executor, functools.partial(self.forward, dummy, threads=threads)
             )
+        if self.compiled:
+            self._graphs_at_warmup = compiled_graphs()
         return time.perf_counter() - started
 
     def rank(self, probabilities: torch.Tensor, ks: Sequence[int]) -> list[Ranked]:

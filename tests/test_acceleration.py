@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+import structlog
 import torch
 from aiohttp import FormData
 from torch import nn
@@ -18,7 +19,7 @@ from batching_server.acceleration import (
     padded_size,
     warmup_sizes,
 )
-from batching_server.model import Classifier, load_classifier
+from batching_server.model import Classifier, ImageInput, load_classifier
 from batching_server.preprocess import Preprocessor
 from tests.conftest import AppClient, make_settings
 from tests.images import PHOTOS, photo_bytes
@@ -141,6 +142,18 @@ async def test_compiled_model_serves_padded_batches(
             assert response.status == 200
         samples = (await (await client.get("/metrics")).text()).splitlines()
         assert "batch_padding_images_total 2" in samples
+        assert "model_compiles_after_warmup_total 0" in samples
+        # A guard warm-up did not foresee (here a thread count no plan uses) compiles again:
+        # the pass still answers, and the compile is counted, logged and exported.
+        with structlog.testing.capture_logs() as logs:
+            ranked = compiled._forward_inputs([ImageInput(photos[0], "r", top_k=1)], threads=3)
+        assert len(ranked) == 1
+        assert compiled.compiles_after_warmup >= 1
+        events = [e for e in logs if e["event"] == "model_compiled_after_warmup"]
+        assert events
+        assert events[0]["torch_threads"] == 3
+        samples = (await (await client.get("/metrics")).text()).splitlines()
+        assert f"model_compiles_after_warmup_total {compiled.compiles_after_warmup}" in samples
     finally:
         compiled.close()
 
