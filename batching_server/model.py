@@ -171,10 +171,10 @@ class Classifier:
             shapes = len(warmup_sizes(max_batch_size, self.batch_sizes)) + self._solo
             self._run = compile_module(self.module, shapes=shapes, cpp_wrapper=device.type == "cpu")
         self._local = threading.local()
-        # Graphs compiled since warm-up ended: each one made a batch wait seconds. None until
-        # then, and without compile.
+        # Dynamo's graph count when warm-up ended (None until then, and without compile), and
+        # how many compiles since then have been logged.
         self._graphs_at_warmup: int | None = None
-        self.compiles_after_warmup = 0
+        self._compiles_logged = 0
         self._busy = 0  # forward passes handed to a thread and not ended; a stalled one never ends
         self._busy_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(
@@ -277,8 +277,8 @@ class Classifier:
     def _forward_inputs(self, items: Sequence[ImageInput], threads: int | None) -> list[Ranked]:
         started = time.perf_counter()
         probabilities = self.forward(self.stack([item.pixels for item in items]), threads=threads)
-        if self._graphs_at_warmup is not None:
-            self._count_compiles(self._graphs_at_warmup, len(items), threads)
+        if (compiles := self.compiles_after_warmup) > self._compiles_logged:
+            self._log_compiles(compiles, len(items), threads)
         # Runs in the model thread, inside the caller's context: this lands on the batch span.
         trace.get_current_span().add_event(
             "forward_pass",
@@ -293,15 +293,18 @@ class Classifier:
         # interval (5 ms) while decode threads hold it.
         return self.rank(probabilities, [item.top_k for item in items])
 
-    def _count_compiles(self, at_warmup: int, size: int, threads: int | None) -> None:
+    @property
+    def compiles_after_warmup(self) -> int:
+        """Graphs compiled since warm-up ended: each one made a batch wait seconds."""
+        if self._graphs_at_warmup is None:
+            return 0
+        return compiled_graphs() - self._graphs_at_warmup
+
+    def _log_compiles(self, compiles: int, size: int, threads: int | None) -> None:
         # Warm-up compiles every shape the batcher can send, so a compile now means a guard
         # that warm-up did not foresee: loud, since that batch (and, while dynamo held the
-        # GIL, every other request) waited seconds.
-        with self._busy_lock:
-            new = compiled_graphs() - at_warmup - self.compiles_after_warmup
-            if new <= 0:
-                return
-            self.compiles_after_warmup += new
+        # GIL, every other request) waited seconds. Two model threads may both log one.
+        new, self._compiles_logged = compiles - self._compiles_logged, compiles
         log.warning(
             "model_compiled_after_warmup",
             graphs=new,
