@@ -14,11 +14,11 @@ import structlog
 from aiohttp import web
 
 from . import __version__
-from .app import create_app, create_metrics_app
-from .appkeys import READINESS
-from .errors import ModelLoadError
-from .logs import configure_logging
-from .readiness import ExitCode
+from .core.errors import ModelLoadError
+from .core.readiness import ExitCode
+from .http.app import create_app, create_metrics_app
+from .http.appkeys import READINESS
+from .observability.logs import configure_logging
 from .settings import Settings, SettingsError, load_settings
 
 __all__ = ["main", "serve"]

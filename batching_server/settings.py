@@ -166,14 +166,10 @@ class ServerSettings:
     graceful_shutdown_timeout_s: float = _setting(
         30.0, _number(0, 3600), "time to finish accepted requests after SIGTERM"
     )
-    worker_niceness: int = _setting(
-        10, _integer(0, 19), "added to the decode threads' nice value (Linux)"
-    )
-    model_niceness: int = _setting(
-        19, _integer(0, 19), "added to the model threads' nice value (Linux)"
-    )
-    sched_idle: bool = _setting(
-        False, _boolean, "decode and model threads under SCHED_IDLE (Linux; niceness then unused)"
+    low_priority_workers: bool = _setting(
+        True,
+        _boolean,
+        "decode and model threads run below the event loop's priority (nice +10 and +19, Linux)",
     )
 
 
@@ -294,7 +290,7 @@ class TracingSettings:
     service_name: str = _setting("batching_server", _text, "service.name of every span")
     sample_ratio: float = _setting(1.0, _ratio, "share of new traces recorded, 0 to 1")
     excluded_paths: tuple[str, ...] = _setting(
-        ("/metrics", "/health", "/ready"), _paths, "paths that get no server span"
+        (), _paths, "more paths that get no server span (probes and /metrics never do)"
     )
 
 

@@ -223,6 +223,21 @@ def histogram_mean(before: Mapping[Any, float], after: Mapping[Any, float], name
     return (total(after, "sum") - total(before, "sum")) / count if count else float("nan")
 
 
+def thread_cpu_wait_s(pid: int, tid: int | None = None) -> float | None:
+    """Seconds a thread has waited, runnable, for a CPU so far (Linux), or None elsewhere.
+
+    ``tid`` defaults to ``pid``: a process's main thread, which is the server's event loop.
+    A forensic probe for benchmarks: how much of the loop's lag was a wait for a core, which
+    only fewer busy threads or more cores can cure, rather than the process's own work.
+    """
+    try:
+        # "<ns on the CPU> <ns waiting on a run queue> <time slices>"
+        fields = Path(f"/proc/{pid}/task/{tid or pid}/schedstat").read_text().split()
+    except OSError:
+        return None
+    return int(fields[1]) / 1e9
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0-100) by linear interpolation; NaN for no values."""
     if not values:

@@ -20,16 +20,17 @@ from typing import Any
 
 import torch
 
-from batching_server.model import load_classifier
+from batching_server.models import RESNET50, load_runner
+from batching_server.models.threads import available_cores
 from batching_server.preprocess import Preprocessor
 from batching_server.settings import settings_from_mapping
-from batching_server.threads import available_cores
 from benchmarks._common import (
     RESULTS,
+    Server,
     machine,
     multipart,
     sample_jpegs,
-    server_process,
+    started_server,
     table,
     write_json,
 )
@@ -62,17 +63,17 @@ class PipelineBound:
         )
         self.jpegs = jpegs
         self.preprocessor = Preprocessor(
-            weights="random",
+            transform=RESNET50.transform("random"),
             max_image_pixels=validated.limits.max_image_pixels,
             jpeg_draft=validated.preprocess.jpeg_draft,
             fast_resize=validated.preprocess.fast_resize,
         )
-        self.classifier = load_classifier(validated.model, batching=validated.batching)
+        self.classifier = load_runner(validated.model, batching=validated.batching)
         self.size = validated.batching.max_batch_size
         self.cores = available_cores()
         # Real images, stacked as the server stacks them.
         images = [self.preprocessor(jpegs[i % len(jpegs)]) for i in range(self.size)]
-        self.full = self.classifier.stack(images)
+        self.full = self.classifier.forward_pass.stack(images)
         self.single = self.full[:1].clone()
         # Set up as the server's model threads are, on the per-pass thread count.
         self.passes = ThreadPoolExecutor(
@@ -139,7 +140,7 @@ def around(before: dict[str, float], after: dict[str, float]) -> dict[str, float
 
 
 async def load_in_rounds(
-    urls: dict[str, str],
+    servers: dict[str, Server],
     bodies: Sequence[tuple[bytes, str]],
     args: argparse.Namespace,
     bound: PipelineBound,
@@ -156,10 +157,16 @@ async def load_in_rounds(
     for concurrency in args.concurrency:
         point = f"c{concurrency}"
         for index in range(args.rounds):
-            seed = await measure(urls["seed"], bodies, concurrency=concurrency, duration_s=seconds)
+            seed = await measure(
+                servers["seed"].url, bodies, concurrency=concurrency, duration_s=seconds
+            )
             before = await asyncio.to_thread(bound.measure)
             tuned = await measure(
-                urls["tuned"], bodies, concurrency=concurrency, duration_s=seconds
+                servers["tuned"].url,
+                bodies,
+                concurrency=concurrency,
+                duration_s=seconds,
+                pid=servers["tuned"].pid,
             )
             tuned["costs"] = around(before, await asyncio.to_thread(bound.measure))
             out["seed"].setdefault(point, []).append(seed)
@@ -238,7 +245,7 @@ def rounds_table(
                     "server_forward_ms": r["server_forward_ms"],
                     "forward_b1_ms": r["costs"]["forward_b1_ms"],
                     "lag>10ms": r["loop_lag_samples_over_10ms"],
-                    "less_wait": r["loop_lag_less_cpu_wait_samples_over_10ms"],
+                    "cpu_wait": r.get("loop_cpu_wait_share"),
                 }
             )
     return rows
@@ -253,13 +260,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         print("starting the seed-style and the tuned server...", flush=True)
         async with (
-            server_process(SEED) as seed_url,
-            server_process(tuned_settings) as tuned_url,
+            started_server(SEED) as seed_server,
+            started_server(tuned_settings) as tuned_server,
         ):
-            urls = {"seed": seed_url, "tuned": tuned_url}
-            for url in urls.values():
-                await measure(url, bodies, concurrency=4, duration_s=3)  # untimed warm-up
-            rounds = await load_in_rounds(urls, bodies, args, bound)
+            servers = {"seed": seed_server, "tuned": tuned_server}
+            for server in servers.values():
+                await measure(server.url, bodies, concurrency=4, duration_s=3)  # untimed warm-up
+            rounds = await load_in_rounds(servers, bodies, args, bound)
     finally:
         bound.close()
     seed, tuned = rounds["seed"], rounds["tuned"]

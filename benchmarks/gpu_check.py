@@ -29,10 +29,10 @@ from unittest import mock
 import torch
 from torch import nn
 
-from batching_server.acceleration import padded_size, warmup_sizes
-from batching_server.batcher import BatchInfo
-from batching_server.logs import configure_logging
-from batching_server.model import Classifier, ImageInput, Ranked, load_classifier
+from batching_server.core.batcher import BatchInfo
+from batching_server.core.shapes import padded_size, warmup_sizes
+from batching_server.models import ImageInput, ModelRunner, Ranked, load_runner
+from batching_server.observability.logs import configure_logging
 from batching_server.settings import settings_from_mapping
 
 if not __package__:
@@ -65,7 +65,7 @@ def load(
     channels_last: bool = True,
     concurrent: int = 1,
     compile: bool = False,
-) -> Classifier:
+) -> ModelRunner:
     """A classifier built the way the server builds it."""
     settings = settings_from_mapping(
         {
@@ -85,12 +85,14 @@ def load(
             },
         }
     )
-    return load_classifier(settings.model, batching=settings.batching)
+    return load_runner(settings.model, batching=settings.batching)
 
 
-def check_precision(classifier: Classifier, expected: str) -> CheckResult:
+def check_precision(classifier: ModelRunner, expected: str) -> CheckResult:
     """``auto`` chose ``expected``, and the weights sit on the device in channels_last."""
-    weight = next(m.weight for m in classifier.module.modules() if isinstance(m, nn.Conv2d))
+    weight = next(
+        m.weight for m in classifier.forward_pass.module.modules() if isinstance(m, nn.Conv2d)
+    )
     problems = []
     if classifier.precision != expected:
         problems.append(f"precision is {classifier.precision}, expected {expected}")
@@ -108,7 +110,7 @@ def _log_probabilities(probabilities: torch.Tensor) -> torch.Tensor:
     return probabilities.clamp_min(1e-30).log()
 
 
-def check_agreement(classifier: Classifier, reference: Classifier) -> CheckResult:
+def check_agreement(classifier: ModelRunner, reference: ModelRunner) -> CheckResult:
     """Same top-1 as the fp32 reference on seeded inputs, and each row is its own input's.
 
     With random weights every input tends to get the same top-1, so the per-row match is
@@ -140,7 +142,7 @@ def check_agreement(classifier: Classifier, reference: Classifier) -> CheckResul
     return CheckResult("agreement with fp32 CPU", not problems, detail)
 
 
-def check_pinned_padding(classifier: Classifier, images: int = 3) -> CheckResult:
+def check_pinned_padding(classifier: ModelRunner, images: int = 3) -> CheckResult:
     """A batch is padded to an allowed size and page-locked before it is copied to the GPU."""
     pinned: list[tuple[int, bool]] = []
     original = torch.Tensor.pin_memory
@@ -153,7 +155,7 @@ def check_pinned_padding(classifier: Classifier, images: int = 3) -> CheckResult
     pixels = fixed_batch(images)
     with mock.patch.object(torch.Tensor, "pin_memory", spy):
         together = classifier.forward(pixels)
-    expected = padded_size(images, classifier.batch_sizes)
+    expected = padded_size(images, classifier.forward_pass.batch_sizes)
     problems = []
     if not pinned:
         problems.append("forward never called pin_memory")
@@ -180,7 +182,7 @@ def _inputs(pixels: torch.Tensor, tag: str, top_k: int) -> list[ImageInput]:
 
 
 async def _predict_together(
-    classifier: Classifier, batches: Sequence[torch.Tensor], top_k: int
+    classifier: ModelRunner, batches: Sequence[torch.Tensor], top_k: int
 ) -> list[list[Ranked]]:
     """Every batch through ``predict_batch`` at once, as the batcher dispatches them."""
     now = time.monotonic()
@@ -194,7 +196,7 @@ async def _predict_together(
     return await asyncio.gather(*calls)
 
 
-def _probabilities(classifier: Classifier, rows: Sequence[Ranked]) -> torch.Tensor:
+def _probabilities(classifier: ModelRunner, rows: Sequence[Ranked]) -> torch.Tensor:
     """Probability vectors back from rankings of every class (labels are unique)."""
     vectors = []
     for ranked in rows:
@@ -203,7 +205,7 @@ def _probabilities(classifier: Classifier, rows: Sequence[Ranked]) -> torch.Tens
     return torch.tensor(vectors)
 
 
-def _record_calls(classifier: Classifier) -> list[tuple[str, float, float]]:
+def _record_calls(classifier: ModelRunner) -> list[tuple[str, float, float]]:
     """Wrap ``classifier.forward`` to record (thread, start, end) of every call."""
     calls: list[tuple[str, float, float]] = []
     forward = classifier.forward
@@ -218,7 +220,7 @@ def _record_calls(classifier: Classifier) -> list[tuple[str, float, float]]:
     return calls
 
 
-def check_concurrent(classifier: Classifier, batch_size: int, rounds: int) -> CheckResult:
+def check_concurrent(classifier: ModelRunner, batch_size: int, rounds: int) -> CheckResult:
     """Two batches in flight at once on two model threads, with the same results as one."""
     batches = [fixed_batch(batch_size), fixed_batch(batch_size).flip(0)]
     sequential = [classifier.forward(b) for b in batches]
@@ -296,7 +298,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_checks(args: argparse.Namespace, classifier: Classifier) -> list[CheckResult]:
+def run_checks(args: argparse.Namespace, classifier: ModelRunner) -> list[CheckResult]:
     """Every check, each on its own so that one failure does not hide the others."""
     sizes = args.batch_sizes
     # The plainest path there is: fp32, NCHW, on the CPU.
@@ -315,10 +317,10 @@ def run_checks(args: argparse.Namespace, classifier: Classifier) -> list[CheckRe
     return results
 
 
-def print_throughput(classifier: Classifier, sizes: Sequence[int], seconds: float) -> None:
+def print_throughput(classifier: ModelRunner, sizes: Sequence[int], seconds: float) -> None:
     """Images/s and latency by batch size, measured like benchmarks/model_ceiling.py."""
     torch.cuda.reset_peak_memory_stats()
-    mode = "compiled" if classifier.compiled else "eager"
+    mode = "compiled" if classifier.forward_pass.compiled else "eager"
     print(f"\nthroughput on {torch.cuda.get_device_name()} (fp16-cl {mode}, one batch at a time)")
     print(f"{'batch':>5} {'images/s':>10} {'median ms':>10} {'p90 ms':>8}")
     for size in sizes:

@@ -1,7 +1,7 @@
 """Offline ResNet-50 forward passes by batch size: the ceiling the server is measured against.
 
-Every variant is built by the package's own ``load_classifier`` and timed through
-``Classifier.forward``, so padding, autocast, channels_last and torch.compile are exactly what
+Every variant is built by the package's own ``load_runner`` and timed through
+``ModelRunner.forward``, so padding, autocast, channels_last and torch.compile are exactly what
 the server runs. No HTTP, no batcher, no preprocessing: just the model.
 
     .venv/bin/python benchmarks/model_ceiling.py --seconds 3 --batch-sizes 1,2,4,8,16
@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from batching_server.acceleration import cpu_flags
-from batching_server.logs import configure_logging
-from batching_server.model import INPUT_SIZE, Classifier, load_classifier
+from batching_server.models import RESNET50, ModelRunner, load_runner
+from batching_server.models.acceleration import cpu_flags
+from batching_server.models.threads import available_cores
+from batching_server.observability.logs import configure_logging
 from batching_server.settings import settings_from_mapping
-from batching_server.threads import available_cores
 
 __all__ = ["VARIANTS", "Variant", "build_classifier", "main", "measure"]
 
@@ -89,7 +89,7 @@ def unavailable_reason(variant: Variant, device: str) -> str | None:
 
 def build_classifier(
     variant: str, batch_sizes: Sequence[int], *, device: str = "cpu", threads: int | None = None
-) -> Classifier:
+) -> ModelRunner:
     """The classifier the server would load for ``variant``, allowing exactly ``batch_sizes``."""
     spec = VARIANTS[variant]
     sizes = sorted(set(batch_sizes))
@@ -115,16 +115,17 @@ def build_classifier(
             },
         }
     )
-    return load_classifier(settings.model, batching=settings.batching)
+    return load_runner(settings.model, batching=settings.batching)
 
 
 def fixed_batch(batch_size: int, seed: int = INPUT_SEED) -> torch.Tensor:
     """The same random (N, 3, 224, 224) batch on every run, like normalised pixels."""
     generator = torch.Generator().manual_seed(seed + batch_size)
-    return torch.randn(batch_size, 3, INPUT_SIZE, INPUT_SIZE, generator=generator)
+    size = RESNET50.input_size
+    return torch.randn(batch_size, 3, size, size, generator=generator)
 
 
-def _timed_call(classifier: Classifier, batch: torch.Tensor) -> float:
+def _timed_call(classifier: ModelRunner, batch: torch.Tensor) -> float:
     started = time.perf_counter()
     classifier.forward(batch)  # returns on the CPU, so CUDA work is finished too
     return time.perf_counter() - started
@@ -175,7 +176,7 @@ def measure(
     *,
     device: str = "cpu",
     threads: int | None = None,
-    classifier: Classifier | None = None,
+    classifier: ModelRunner | None = None,
 ) -> dict[str, Any]:
     """Time ``classifier.forward`` on one fixed batch for about ``seconds``; one result row.
 
@@ -212,8 +213,8 @@ def measure(
         "device": device,
         "threads": threads,
         "precision": classifier.precision,
-        "channels_last": classifier.channels_last,
-        "compile": classifier.compiled,
+        "channels_last": classifier.forward_pass.channels_last,
+        "compile": classifier.forward_pass.compiled,
         "iterations": len(latencies),
         "measured_s": round(total, 4),
         "images_per_s": round(batch_size * len(latencies) / total, 2),
@@ -229,7 +230,7 @@ def measure(
     }
 
 
-def _release(classifier: Classifier, compiled: bool) -> None:
+def _release(classifier: ModelRunner, compiled: bool) -> None:
     classifier.close()
     if compiled:
         # Each variant starts from no compiled graphs, as a fresh server process would.

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from batching_server.models import RESNET50
 from batching_server.preprocess import Preprocessor
 from benchmarks._common import PHOTOS, RESULTS, machine, table, write_json
 
@@ -53,13 +54,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     variants = {
         # torchvision's transform on a full decode: the reference.
         "reference": Preprocessor(
-            weights="random", max_image_pixels=10**9, jpeg_draft=False, fast_resize=False
+            transform=RESNET50.transform("random"),
+            max_image_pixels=10**9,
+            jpeg_draft=False,
+            fast_resize=False,
         ),
         "draft": Preprocessor(
-            weights="random", max_image_pixels=10**9, jpeg_draft=True, fast_resize=False
+            transform=RESNET50.transform("random"),
+            max_image_pixels=10**9,
+            jpeg_draft=True,
+            fast_resize=False,
         ),
         # The server's defaults: JPEG draft and the uint8 resize.
-        "server": Preprocessor(weights="random", max_image_pixels=10**9),
+        "server": Preprocessor(transform=RESNET50.transform("random"), max_image_pixels=10**9),
     }
     cases = [("500x375 q90", (500, 375), 90), ("4032x3024 q85", (4032, 3024), 85)]
     cases.append(("4032x3024 q92", (4032, 3024), 92))

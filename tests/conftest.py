@@ -10,9 +10,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from batching_server.app import create_app
-from batching_server.appkeys import BATCHER, READINESS
-from batching_server.model import Classifier, load_classifier
+from batching_server.http.app import create_app
+from batching_server.http.appkeys import BATCHER, READINESS
+from batching_server.models import ModelRunner, load_runner
 from batching_server.settings import Settings, settings_from_mapping
 
 AppClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -40,16 +40,16 @@ def make_settings(**sections: dict[str, Any]) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def classifier() -> Iterator[Classifier]:
+def classifier() -> Iterator[ModelRunner]:
     """One seeded random ResNet-50 for the whole session (loading costs about a second)."""
     settings = make_settings()
-    loaded = load_classifier(settings.model, batching=settings.batching)
+    loaded = load_runner(settings.model, batching=settings.batching)
     yield loaded
     loaded.close()
 
 
 @pytest.fixture
-def app_client(aiohttp_client: Any, classifier: Classifier) -> Iterator[AppClient]:
+def app_client(aiohttp_client: Any, classifier: ModelRunner) -> Iterator[AppClient]:
     """Start the real app with the shared model and return a client once it is ready."""
     models: list[Any] = []
 
@@ -63,7 +63,7 @@ def app_client(aiohttp_client: Any, classifier: Classifier) -> Iterator[AppClien
         models.append(model)
         app = create_app(
             settings or make_settings(**sections),
-            classifier=model or classifier,
+            runner=model or classifier,
             tracer_provider=tracer_provider,
         )
         client = await aiohttp_client(app)
@@ -78,12 +78,12 @@ def app_client(aiohttp_client: Any, classifier: Classifier) -> Iterator[AppClien
             gate.set()
 
 
-async def saturate(app_client: AppClient, real: Classifier, jpeg_form: Any) -> Any:
+async def saturate(app_client: AppClient, real: ModelRunner, jpeg_form: Any) -> Any:
     """A server whose model is held (gate closed) by one request and whose one queue slot
     is taken by a second; returns the client, the gated model and both pending requests."""
-    from tests.fakes import SpyClassifier
+    from tests.fakes import SpyRunner
 
-    spy = SpyClassifier(real)
+    spy = SpyRunner(real)
     spy.gate.clear()
     client = await app_client(
         model=spy,

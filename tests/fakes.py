@@ -8,7 +8,7 @@ from typing import Any
 
 from torch.overrides import TorchFunctionMode
 
-from batching_server.batcher import BatchInfo
+from batching_server.core.batcher import BatchInfo
 
 __all__ = [
     "FailingModel",
@@ -17,7 +17,7 @@ __all__ = [
     "MiscountingModel",
     "RecordingModel",
     "RecordingObserver",
-    "SpyClassifier",
+    "SpyRunner",
     "TorchCalls",
 ]
 
@@ -107,8 +107,8 @@ class FakeClock:
         return self.now
 
 
-class SpyClassifier:
-    """Wraps the real classifier: records batch sizes, can hold or fail forward passes."""
+class SpyRunner:
+    """Wraps the real model runner: records batch sizes, can hold or fail forward passes."""
 
     def __init__(self, real: Any, *, fail_first: int = 0) -> None:
         self.real = real
@@ -117,7 +117,7 @@ class SpyClassifier:
         self.threads = real.threads
         self.name = real.name
         self.precision = real.precision
-        self.module = real.module
+        self.forward_pass = real.forward_pass
         self.batch_sizes: list[int] = []
         self.gate = asyncio.Event()
         self.gate.set()

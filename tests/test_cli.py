@@ -22,8 +22,7 @@ from typing import Any
 import pytest
 
 from batching_server import __version__
-
-from .images import photo_bytes
+from tests.images import photo_bytes
 
 TIMEOUT_S = 60
 
@@ -358,13 +357,13 @@ def test_sigterm_mid_burst_answers_every_accepted_request(tmp_path: Path) -> Non
 # a wedged driver call would: nothing in Python can interrupt it.
 HANGING_SERVER = """
 import sys, threading
-from batching_server import model
+from batching_server.models import runner as model
 from batching_server.__main__ import main
 
 def hang(self, pixels, **options):
     threading.Event().wait()
 
-model.Classifier.forward = hang
+model.ModelRunner.forward = hang
 sys.exit(main(sys.argv[1:]))
 """
 

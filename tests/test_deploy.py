@@ -264,7 +264,7 @@ def test_rule_unit_tests_pass_and_cover_firing_and_silence() -> None:
 
 
 def test_latency_slo_uses_a_real_bucket_boundary() -> None:
-    from batching_server.metrics import LATENCY_BUCKETS
+    from batching_server.observability.metrics import LATENCY_BUCKETS
 
     exprs = " ".join(rule["expr"] for rule in rules(RULES))
     assert 'le=~"1(\\\\.0)?"' in exprs

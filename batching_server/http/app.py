@@ -1,0 +1,304 @@
+"""``create_app()``: routes, middlewares, and the lifecycles of pools, model and batcher.
+
+Start-up order (``cleanup_ctx`` unwinds it in reverse on shutdown): tracing, decode pool,
+model (loaded, then warmed up in the background), batcher. So on shutdown the batcher
+drains first, and the spans of its last batches are flushed last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import gc
+from collections.abc import AsyncIterator, Callable
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+
+from .. import __version__
+from ..core.batcher import Batcher
+from ..core.errors import ModelStalledError
+from ..core.readiness import ExitCode, Readiness
+from ..core.shapes import warmup_sizes
+from ..core.watchdog import StallWatchdog
+from ..models.loading import load_runner
+from ..models.runner import ModelRunner
+from ..models.spec import ModelSpec
+from ..models.threads import (
+    DECODE_NICENESS,
+    MODEL_NICENESS,
+    available_cores,
+    configure_worker_thread,
+)
+from ..models.torchvision_spec import RESNET50
+from ..observability.metrics import ServiceMetrics
+from ..observability.tracing import (
+    create_tracer_provider,
+    server_span_middleware,
+    traced_batch_function,
+)
+from ..preprocess.pool import DecodePool
+from ..preprocess.preprocessor import Preprocessor
+from ..settings import Settings
+from . import predict, probes
+from .appkeys import (
+    BATCHER,
+    DECODE_POOL,
+    METRICS,
+    MODEL_SPEC,
+    READINESS,
+    RUNNER,
+    SETTINGS,
+    TRACER,
+    UPLOAD_SLOTS,
+)
+from .auth import bearer_auth_middleware
+from .middlewares import request_context_middleware
+from .routes import add_routes, route_of
+
+__all__ = ["create_app", "create_metrics_app"]
+
+log = structlog.get_logger(__name__)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    runner: ModelRunner | None = None,
+    tracer_provider: TracerProvider | None = None,
+    spec: ModelSpec = RESNET50,
+) -> web.Application:
+    """Build the application.
+
+    Pass ``runner`` to share one loaded model (its thread plan then sets how many
+    batches run at once), or ``tracer_provider`` to collect spans elsewhere (tests do both);
+    the app then leaves their shutdown to the caller.
+    """
+    provider = tracer_provider or create_tracer_provider(settings.tracing)
+    middlewares: list[Middleware] = []
+    if provider is not None:
+        # Outermost, so the request log line and error handling run inside the server span.
+        middlewares.append(server_span_middleware(provider, _traced(settings)))
+    middlewares.append(request_context_middleware)
+    if settings.auth.api_keys:
+        middlewares.append(bearer_auth_middleware(settings.auth.api_keys))
+    app = web.Application(
+        middlewares=middlewares,
+        # uploads.py streams and counts multipart bodies itself; this cap guards only
+        # request.read()/post(), which no route uses, so it simply follows the same limit.
+        client_max_size=settings.limits.max_upload_bytes,
+    )
+    app[SETTINGS] = settings
+    app[MODEL_SPEC] = spec
+    app[READINESS] = Readiness()
+    # Bodies are read and decoded only this many requests at a time; the others wait unread
+    # (TCP holds them back), so memory stays under this x limits.max_upload_bytes.
+    app[UPLOAD_SLOTS] = asyncio.Semaphore(settings.limits.max_concurrent_uploads)
+    app[METRICS] = ServiceMetrics(
+        model_name=spec.name,
+        max_batch_size=settings.batching.max_batch_size,
+        batch_sizes=settings.batching.batch_sizes,
+    )
+    app[TRACER] = (
+        provider.get_tracer("batching_server", __version__) if provider else trace.NoOpTracer()
+    )
+    add_routes(app, predict.routes)
+    add_routes(app, probes.routes)
+    if not settings.metrics.port:
+        add_routes(app, probes.metrics_routes)
+    if provider is not None and tracer_provider is None:
+        app.cleanup_ctx.append(_tracing_ctx(provider))
+    app.cleanup_ctx.append(_loop_lag_ctx)
+    app.cleanup_ctx.append(_decode_pool_ctx)
+    app.cleanup_ctx.append(_model_ctx(runner))
+    app.cleanup_ctx.append(_batcher_ctx)
+    if settings.model.stall_timeout_s:
+        app.cleanup_ctx.append(_watchdog_ctx)
+    app.on_shutdown.append(_mark_shutting_down)
+    return app
+
+
+def _traced(settings: Settings) -> Callable[[web.Request], bool]:
+    extra = frozenset(settings.tracing.excluded_paths)
+
+    def traced(request: web.Request) -> bool:
+        route = route_of(request)
+        return (route is None or route.traced) and request.path not in extra
+
+    return traced
+
+
+def _tracing_ctx(provider: TracerProvider) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def tracing_ctx(app: web.Application) -> AsyncIterator[None]:
+        yield
+        # Flushes buffered spans; bounded by the exporter's own timeout.
+        await asyncio.to_thread(provider.shutdown)
+
+    return tracing_ctx
+
+
+async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
+    watcher = asyncio.create_task(app[METRICS].watch_loop_lag(), name="loop-lag")
+    yield
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+
+
+def _niceness(app: web.Application, niceness: int) -> int:
+    return niceness if app[SETTINGS].server.low_priority_workers else 0
+
+
+async def _decode_pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    spec = app[MODEL_SPEC]
+    pool = DecodePool(
+        preprocessor=Preprocessor(
+            transform=spec.transform(settings.model.weights),
+            max_image_pixels=settings.limits.max_image_pixels,
+            jpeg_draft=settings.preprocess.jpeg_draft,
+            fast_resize=settings.preprocess.fast_resize,
+        ),
+        threads=settings.preprocess.threads or available_cores(),
+        # One torch thread per worker: the pool already spreads images over the cores, and
+        # more would fight the model thread for them.
+        initializer=functools.partial(
+            configure_worker_thread,
+            torch_threads=1,
+            niceness=_niceness(app, DECODE_NICENESS),
+        ),
+    )
+    app[DECODE_POOL] = pool
+    yield
+    pool.close()
+
+
+def _model_ctx(
+    injected: ModelRunner | None,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def model_ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        readiness = app[READINESS]
+        readiness.mark_not_ready("loading the model")
+        if injected is not None:
+            runner = injected
+        else:
+            runner = await asyncio.to_thread(
+                load_runner,
+                settings.model,
+                batching=settings.batching,
+                spec=app[MODEL_SPEC],
+                niceness=_niceness(app, MODEL_NICENESS),
+            )
+        app[RUNNER] = runner
+        app[METRICS].describe_model(
+            weights=settings.model.weights,
+            device=str(runner.device),
+            precision=runner.precision,
+            parameter_bytes=runner.forward_pass.parameter_bytes,
+            compiles_after_warmup=lambda: runner.compiles_after_warmup,
+        )
+        warmup = asyncio.create_task(_warm_up(app, runner), name="model-warmup")
+        try:
+            yield
+        finally:
+            warmup.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await warmup
+            if injected is None:
+                await asyncio.to_thread(runner.close)
+
+    return model_ctx
+
+
+async def _warm_up(app: web.Application, runner: ModelRunner) -> None:
+    settings = app[SETTINGS]
+    readiness = app[READINESS]
+    if settings.model.warmup:
+        readiness.mark_not_ready("warming up the model")
+        sizes = warmup_sizes(settings.batching.max_batch_size, settings.batching.batch_sizes)
+        try:
+            seconds = await runner.warmup(sizes)
+        except Exception as exc:
+            log.exception("warmup_failed")
+            readiness.mark_failed(f"warm-up failed: {type(exc).__name__}")
+            return
+        log.info("warmup_done", batch_sizes=len(sizes), seconds=round(seconds, 3))
+    # Everything alive now (torch, the model, compiled graphs) lives as long as the process:
+    # out of the collector's reach, a full collection no longer walks millions of objects
+    # with every thread stopped, a pause every request would feel.
+    gc.collect()
+    gc.freeze()
+    readiness.mark_ready()
+    log.info("ready")
+
+
+async def _batcher_ctx(app: web.Application) -> AsyncIterator[None]:
+    batching = app[SETTINGS].batching
+    runner = app[RUNNER]
+    batch_fn = traced_batch_function(
+        runner.predict_batch,
+        tracer=app[TRACER],
+        model_name=runner.name,
+        device=str(runner.device),
+    )
+    batcher = Batcher(
+        batch_fn,
+        max_batch_size=batching.max_batch_size,
+        max_wait_s=batching.max_wait_ms / 1000,
+        max_queue_size=batching.max_queue_size,
+        # As many batches in flight as the model has threads for them (its thread plan).
+        max_concurrent_batches=runner.threads.concurrent_batches,
+        observer=app[METRICS],
+        dispatch_when_idle=batching.dispatch_when_idle,
+    )
+    batcher.start()
+    app[BATCHER] = batcher
+    yield
+    # Runs after aiohttp has waited for in-flight handlers; drains anything still queued.
+    await batcher.close()
+
+
+async def _watchdog_ctx(app: web.Application) -> AsyncIterator[None]:
+    batcher = app[BATCHER]
+    readiness = app[READINESS]
+    timeout_s = app[SETTINGS].model.stall_timeout_s
+
+    def on_stall(running_s: float) -> None:
+        # A thread stuck in native code cannot be stopped or replaced safely (it may hold
+        # the OpenMP pool or the GPU), so the process fails fast and its supervisor
+        # restarts it: refuse traffic now, fail what is queued, then exit (see __main__).
+        log.error("model_stalled", running_s=round(running_s, 3), stall_timeout_s=timeout_s)
+        message = (
+            f"the model stalled: a forward pass has run for {running_s:.0f} s; "
+            "the server is restarting"
+        )
+        batcher.abort(lambda: ModelStalledError(message))
+        readiness.mark_failed(
+            f"model stalled: a forward pass has run for {running_s:.0f} s "
+            f"(model.stall_timeout_s = {timeout_s:g})",
+            exit_code=ExitCode.MODEL_STALLED,
+        )
+
+    watchdog = StallWatchdog(batcher, stall_timeout_s=timeout_s, on_stall=on_stall)
+    task = asyncio.create_task(watchdog.run(), name="stall-watchdog")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def create_metrics_app(app: web.Application) -> web.Application:
+    """A bare app serving ``app``'s ``/metrics``, for its own port (``metrics.port``)."""
+    metrics_app = web.Application()
+    metrics_app[METRICS] = app[METRICS]
+    add_routes(metrics_app, probes.metrics_routes)
+    return metrics_app
+
+
+async def _mark_shutting_down(app: web.Application) -> None:
+    app[READINESS].mark_not_ready("shutting down")

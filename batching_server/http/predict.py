@@ -1,0 +1,175 @@
+"""``POST /predict``: read uploads, decode them off the loop, await the batcher, answer JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+from opentelemetry import trace
+
+from ..core.errors import BadRequestError, DeadlineExceededError, NotReadyError, ServiceError
+from ..models.runner import ImageInput, Ranked
+from .appkeys import (
+    BATCHER,
+    DECODE_POOL,
+    IMAGE_COUNT,
+    METRICS,
+    READINESS,
+    REQUEST_ID,
+    RUNNER,
+    SETTINGS,
+    TRACER,
+    UPLOAD_SLOTS,
+)
+from .responses import json_response
+from .routes import RouteTable
+from .uploads import Upload, read_uploads
+
+__all__ = ["DEADLINE_HEADER", "predict", "routes"]
+
+DEADLINE_HEADER = "X-Request-Timeout"
+
+routes = RouteTable()
+
+
+def _timeout_s(request: web.Request, configured: float) -> float:
+    """The request's deadline: the client's ``X-Request-Timeout`` when shorter."""
+    raw = request.headers.get(DEADLINE_HEADER)
+    if raw is None:
+        return configured
+    try:
+        asked = float(raw)
+    except ValueError:
+        asked = float("nan")
+    if not 0 < asked < float("inf"):
+        raise BadRequestError(
+            f"{DEADLINE_HEADER} must be a positive number of seconds, got {raw!r}"
+        )
+    return min(asked, configured)
+
+
+def _top_k(request: web.Request, num_classes: int) -> int | None:
+    raw = request.query.get("top_k")
+    if raw is None:
+        return None
+    k = int(raw) if raw.isdigit() else 0
+    if not 1 <= k <= num_classes:
+        raise BadRequestError(f"top_k must be an integer from 1 to {num_classes}, got {raw!r}")
+    return k
+
+
+async def _decode(request: web.Request, upload: Upload) -> Any:
+    app = request.app
+    with app[TRACER].start_as_current_span(
+        "image.preprocess",
+        attributes={"image.index": upload.index, "image.bytes": len(upload.data)},
+    ):
+        result, seconds = await app[DECODE_POOL].decode(upload.data)
+        # Observed here, on the loop: aioprometheus is not thread-safe.
+        app[METRICS].preprocess_duration.add({}, seconds)
+        if isinstance(result, ServiceError):
+            raise result
+    return result
+
+
+async def _read_and_decode(request: web.Request) -> list[Any]:
+    """Model inputs for every ``file`` part, in order; decoding starts as each part arrives."""
+    limits = request.app[SETTINGS].limits
+    uploads: list[Upload] = []
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        async for upload in read_uploads(
+            request,
+            max_upload_bytes=limits.max_upload_bytes,
+            max_files=limits.max_files_per_request,
+        ):
+            uploads.append(upload)
+            request[IMAGE_COUNT] = len(uploads)
+            tasks.append(asyncio.create_task(_decode(request, upload)))
+        pixels = []
+        for upload, task in zip(uploads, tasks, strict=True):
+            try:
+                pixels.append(await task)
+            except ServiceError as exc:
+                if len(uploads) > 1:
+                    name = f" ({upload.filename})" if upload.filename else ""
+                    exc.message = f"file {upload.index + 1}{name}: {exc.message}"
+                raise
+        return pixels
+    finally:
+        # A bad part or a gone client: decodes not yet started need not run.
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def _upload_slot(request: web.Request, timeout_s: float) -> AsyncIterator[None]:
+    """Hold one of ``limits.max_concurrent_uploads`` while reading and decoding."""
+    slots = request.app[UPLOAD_SLOTS]
+    try:
+        async with asyncio.timeout(timeout_s):
+            await slots.acquire()
+    except TimeoutError:
+        raise DeadlineExceededError(
+            f"the request deadline of {timeout_s} s passed while waiting for an upload slot "
+            "(limits.max_concurrent_uploads)"
+        ) from None
+    try:
+        yield
+    finally:
+        slots.release()
+
+
+def _result(ranked: Ranked, top_k: int | None) -> dict[str, Any]:
+    # ``ranked`` holds exactly the labels the request asked for (one without ``top_k``).
+    label, confidence = ranked[0]
+    result: dict[str, Any] = {"prediction": label, "confidence": confidence}
+    if top_k is not None:
+        result["top_k"] = [{"label": name, "confidence": score} for name, score in ranked]
+    return result
+
+
+@routes.post("/predict", summary="classify images: multipart field 'file', optional ?top_k=N")
+async def predict(request: web.Request) -> web.Response:
+    """Classify each uploaded ``file`` part; each part is one batch item."""
+    started = time.monotonic()
+    app = request.app
+    readiness = app[READINESS]
+    if not readiness.ready:
+        raise NotReadyError(f"the server is not ready: {readiness.reason}")
+    settings = app[SETTINGS]
+    top_k = _top_k(request, len(app[RUNNER].labels))
+    timeout_s = _timeout_s(request, settings.batching.request_timeout_s)
+    request_id = request[REQUEST_ID]
+
+    batcher = app[BATCHER]
+    # Until its images are queued, this request may still join a partial batch.
+    with batcher.expecting():
+        async with _upload_slot(request, timeout_s):
+            pixels = await _read_and_decode(request)
+    remaining = timeout_s - (time.monotonic() - started)
+    if remaining <= 0:
+        raise DeadlineExceededError(
+            f"the request deadline of {timeout_s} s passed before inference"
+        )
+    request_span = trace.get_current_span().get_span_context()
+    inputs = [
+        ImageInput(pixels=p, request_id=request_id, span_context=request_span, top_k=top_k or 1)
+        for p in pixels
+    ]
+    with app[TRACER].start_as_current_span("batcher.wait", attributes={"images": len(inputs)}):
+        ranked = await batcher.submit_many(inputs, timeout_s=remaining)
+
+    app[METRICS].observe_predictions([labels[0] for labels in ranked])
+    results = [_result(labels, top_k) for labels in ranked]
+    if len(results) == 1:
+        body: dict[str, Any] = {**results[0], "request_id": request_id}
+    else:
+        body = {"predictions": results, "request_id": request_id}
+    return json_response(body)

@@ -1,0 +1,96 @@
+"""Routes that declare their policy where they are defined: public or protected, traced or not.
+
+Authentication, tracing and the endpoint list on ``/`` all read the policy from here, so a new
+route cannot be forgotten by any of them. A route is protected unless it says it is public,
+and a request that matches no route (a 404 or 405) is treated as protected too: with
+``auth.api_keys`` set, nothing about the server is told to a caller without a key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+__all__ = ["ROUTES", "Route", "RouteTable", "add_routes", "route_of"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    """One endpoint and its policy."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str  # one line for the endpoint list on ``/``
+    public: bool = False  # reachable without an API key when ``auth.api_keys`` is set
+    traced: bool = True  # gets a server span (probes and scrapes would only add noise)
+
+    @property
+    def name(self) -> str:
+        """``METHOD /path``, as the endpoint list shows it."""
+        return f"{self.method} {self.path}"
+
+
+class RouteTable:
+    """Collects ``Route``s through decorators, as ``web.RouteTableDef`` does."""
+
+    def __init__(self) -> None:
+        self._routes: list[Route] = []
+
+    def __iter__(self) -> Iterator[Route]:
+        return iter(self._routes)
+
+    def route(
+        self, method: str, path: str, *, summary: str, public: bool = False, traced: bool = True
+    ) -> Callable[[Handler], Handler]:
+        """Declare ``method path`` with its policy; protected and traced unless told."""
+
+        def register(handler: Handler) -> Handler:
+            self._routes.append(
+                Route(
+                    method=method,
+                    path=path,
+                    handler=handler,
+                    summary=summary,
+                    public=public,
+                    traced=traced,
+                )
+            )
+            return handler
+
+        return register
+
+    def get(
+        self, path: str, *, summary: str, public: bool = False, traced: bool = True
+    ) -> Callable[[Handler], Handler]:
+        """Declare a GET route (no implicit HEAD)."""
+        return self.route("GET", path, summary=summary, public=public, traced=traced)
+
+    def post(
+        self, path: str, *, summary: str, public: bool = False, traced: bool = True
+    ) -> Callable[[Handler], Handler]:
+        """Declare a POST route."""
+        return self.route("POST", path, summary=summary, public=public, traced=traced)
+
+
+ROUTES = web.AppKey("routes", dict[Handler, Route])
+"""Every route of an app, by handler: what ``route_of`` reads."""
+
+
+def add_routes(app: web.Application, routes: Iterable[Route]) -> None:
+    """Register ``routes`` on ``app`` and remember their policies."""
+    table = app.setdefault(ROUTES, {})
+    for route in routes:
+        app.router.add_route(route.method, route.path, route.handler)
+        table[route.handler] = route
+
+
+def route_of(request: web.Request) -> Route | None:
+    """The declared route that ``request`` matched, or None (no match, or undeclared)."""
+    table = request.app.get(ROUTES)
+    if table is None:
+        return None
+    return table.get(request.match_info.handler)

@@ -1,0 +1,22 @@
+"""The model: a spec per model family, the forward pass, and the runner that owns its threads."""
+
+from .forward import ForwardPass
+from .loading import load_runner, resolve_device
+from .runner import ImageInput, ModelRunner, Ranked
+from .spec import ModelSpec
+from .threads import ThreadPlan, plan_threads
+from .torchvision_spec import RESNET50, TorchvisionClassifier
+
+__all__ = [
+    "RESNET50",
+    "ForwardPass",
+    "ImageInput",
+    "ModelRunner",
+    "ModelSpec",
+    "Ranked",
+    "ThreadPlan",
+    "TorchvisionClassifier",
+    "load_runner",
+    "plan_threads",
+    "resolve_device",
+]

@@ -1,0 +1,228 @@
+"""``ModelRunner``: the model threads, and one forward pass per batch the batcher sends.
+
+It owns the executors of the thread plan (a lone image gets a thread of its own at the solo
+thread count), the count of passes in flight, warm-up, and ranking the probabilities into
+labels, so the event loop gets plain lists and makes no torch call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import structlog
+import torch
+from opentelemetry import trace
+from opentelemetry.trace import SpanContext
+
+from ..core.batcher import BatchInfo
+from ..core.shapes import padded_size
+from .acceleration import compiled_graphs
+from .forward import ForwardPass
+from .threads import ThreadPlan, configure_worker_thread
+
+__all__ = ["ImageInput", "ModelRunner", "Ranked", "solo_pass_pays"]
+
+log = structlog.get_logger(__name__)
+
+Ranked = list[tuple[str, float]]
+"""Labels with their probabilities, most likely first."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInput:
+    """One preprocessed image on its way through the batcher."""
+
+    pixels: torch.Tensor  # (3, H, W) float32, normalised
+    request_id: str
+    span_context: SpanContext | None = None  # the request's span, linked from the batch span
+    top_k: int = 1  # how many ranked labels to send back
+
+
+def solo_pass_pays(threads: ThreadPlan, batch_sizes: Sequence[int]) -> bool:
+    """Whether a lone image gets its own thread at the solo count (one more compiled graph).
+
+    Only when the plan gives it more threads than a shared pass, and when a batch of one is
+    not padded anyway.
+    """
+    return threads.solo_threads != threads.threads and padded_size(1, batch_sizes) == 1
+
+
+class ModelRunner:
+    """A ``ForwardPass`` behind its own threads, so forward passes never block the loop."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        labels: Sequence[str],
+        weights: str = "",
+        forward_pass: ForwardPass,
+        threads: ThreadPlan,
+        input_size: int = 224,
+        niceness: int = 0,
+    ) -> None:
+        self.name = name
+        self.weights = weights  # as model.weights named them
+        self.labels = tuple(labels)
+        self.forward_pass = forward_pass
+        self.threads = threads
+        self.input_size = input_size
+        # Dynamo's graph count when warm-up ended (None until then, and without compile), and
+        # how many compiles since then have been logged.
+        self._graphs_at_warmup: int | None = None
+        self._compiles_logged = 0
+        self._busy = 0  # forward passes handed to a thread and not ended; a stalled one never ends
+        self._busy_lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(
+            max_workers=threads.concurrent_batches,
+            thread_name_prefix="model",
+            initializer=functools.partial(
+                configure_worker_thread, torch_threads=threads.threads, niceness=niceness
+            ),
+        )
+        # A lone image's pass gets a thread of its own that stays at the solo thread count:
+        # each torch.set_num_threads clears that thread's cache of oneDNN conv primitives,
+        # so switching one thread's count per lone image would cost every such pass.
+        self._solo_executor = (
+            ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="model-solo",
+                initializer=functools.partial(
+                    configure_worker_thread, torch_threads=threads.solo_threads, niceness=niceness
+                ),
+            )
+            if solo_pass_pays(threads, forward_pass.batch_sizes)
+            else None
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Where the network runs."""
+        return self.forward_pass.device
+
+    @property
+    def precision(self) -> str:
+        """The autocast precision the network runs in."""
+        return self.forward_pass.precision
+
+    def forward(self, pixels: torch.Tensor, *, threads: int | None = None) -> torch.Tensor:
+        """Probabilities for a (N, 3, H, W) batch, in the calling thread; blocking.
+
+        ``threads`` defaults to the plan's per-pass count.
+        """
+        return self.forward_pass.forward(pixels, threads=threads or self.threads.threads)
+
+    def _forward_inputs(self, items: Sequence[ImageInput], threads: int | None) -> list[Ranked]:
+        started = time.perf_counter()
+        batch = self.forward_pass.stack([item.pixels for item in items])
+        probabilities = self.forward(batch, threads=threads)
+        if (compiles := self.compiles_after_warmup) > self._compiles_logged:
+            self._log_compiles(compiles, len(items), threads)
+        # Runs in the model thread, inside the caller's context: this lands on the batch span.
+        trace.get_current_span().add_event(
+            "forward_pass",
+            {
+                "thread": threading.current_thread().name,
+                "torch_threads": threads or self.threads.threads,
+                "seconds": time.perf_counter() - started,
+            },
+        )
+        # Ranked here, once per batch, so the event loop gets plain lists and makes no torch
+        # call: each one releases the GIL, and taking it back can cost the loop a switch
+        # interval while decode threads hold it.
+        return self.rank(probabilities, [item.top_k for item in items])
+
+    @property
+    def compiles_after_warmup(self) -> int:
+        """Graphs compiled since warm-up ended: each one made a batch wait seconds."""
+        if self._graphs_at_warmup is None:
+            return 0
+        return compiled_graphs() - self._graphs_at_warmup
+
+    def _log_compiles(self, compiles: int, size: int, threads: int | None) -> None:
+        # Warm-up compiles every shape the batcher can send, so a compile now means a guard
+        # that warm-up did not foresee: loud, since that batch (and, while dynamo held the
+        # GIL, every other request) waited seconds. Two model threads may both log one.
+        new, self._compiles_logged = compiles - self._compiles_logged, compiles
+        log.warning(
+            "model_compiled_after_warmup",
+            graphs=new,
+            batch_size=size,
+            torch_threads=threads or self.threads.threads,
+        )
+
+    async def predict_batch(self, items: Sequence[ImageInput], info: BatchInfo) -> list[Ranked]:
+        """Run one forward pass for a batch; each item's ``top_k`` ranked labels."""
+        # Executors do not carry contextvars over; the active span must reach the model
+        # thread, so run the call inside a copy of this context.
+        context = contextvars.copy_context()
+        executor, threads = self._executor, None
+        with self._busy_lock:
+            # Counted here, on the loop, so that two batches dispatched back to back cannot
+            # both find the model idle before either thread has started.
+            if self._solo_executor is not None and not self._busy and len(items) == 1:
+                executor, threads = self._solo_executor, self.threads.solo_threads
+            self._busy += 1
+        try:
+            future = executor.submit(context.run, self._forward_inputs, items, threads)
+        except BaseException:
+            self._pass_ended()
+            raise
+        # Also when the pass never starts (cancelled while queued, or at close).
+        future.add_done_callback(self._pass_ended)
+        return await asyncio.wrap_future(future)
+
+    def _pass_ended(self, _future: object = None) -> None:
+        with self._busy_lock:
+            self._busy -= 1
+
+    async def warmup(self, batch_sizes: Iterable[int]) -> float:
+        """Run one forward pass per batch size; returns the seconds it took."""
+        sizes = sorted(set(batch_sizes))
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        passes: list[tuple[ThreadPoolExecutor, int, int | None]] = [
+            (self._executor, size, None) for size in sizes
+        ]
+        if self._solo_executor is not None and 1 in sizes:
+            passes.append((self._solo_executor, 1, self.threads.solo_threads))
+        for executor, size, threads in passes:
+            dummy = torch.zeros(size, 3, self.input_size, self.input_size)
+            await loop.run_in_executor(
+                executor, functools.partial(self.forward, dummy, threads=threads)
+            )
+        if self.forward_pass.compiled:
+            self._graphs_at_warmup = compiled_graphs()
+        return time.perf_counter() - started
+
+    def rank(self, probabilities: torch.Tensor, ks: Sequence[int]) -> list[Ranked]:
+        """Each row's ``ks[i]`` most likely labels, most likely first, from one ``topk``."""
+        values, indices = torch.topk(probabilities, max(ks))
+        labels = self.labels
+        return [
+            [(labels[i], v) for v, i in zip(row_values[:k], row_indices[:k], strict=True)]
+            for row_values, row_indices, k in zip(
+                values.tolist(), indices.tolist(), ks, strict=True
+            )
+        ]
+
+    def close(self) -> None:
+        """Stop the model threads once their batches end; a batch still running is abandoned.
+
+        By the time the app closes the runner the batcher has drained, so a forward pass
+        still running is a stalled one: waiting for it would hang the shutdown.
+        """
+        with self._busy_lock:
+            busy = self._busy
+        if busy:
+            log.warning("model_threads_abandoned", running_forward_passes=busy)
+        for executor in (self._executor, self._solo_executor):
+            if executor is not None:
+                executor.shutdown(wait=not busy, cancel_futures=True)

@@ -1,0 +1,239 @@
+"""Prometheus metrics (aioprometheus): one registry per app, updated on the event loop only.
+
+aioprometheus has no locks, so every update happens on the loop thread: timings measured in
+worker threads are handed back and observed here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+
+from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
+from aioprometheus.renderer import render
+
+from .. import __version__
+from ..core.batcher import BatchInfo, DropReason
+from ..core.shapes import padded_size
+
+__all__ = ["ServiceMetrics"]
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+INFERENCE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8)
+WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+PREPROCESS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def status_class(status: int) -> str:
+    """``2xx``, ``4xx``, ...: bounded cardinality for the status label."""
+    return f"{status // 100}xx"
+
+
+def method_label(method: str) -> str:
+    """The HTTP method, or ``OTHER`` for anything a client made up."""
+    return method if method in _METHODS else "OTHER"
+
+
+class ServiceMetrics:
+    """Every metric the server exports, and the batcher observer that feeds the batch ones."""
+
+    def __init__(
+        self, *, model_name: str, max_batch_size: int, batch_sizes: Sequence[int] = ()
+    ) -> None:
+        self.registry = Registry()
+        self.model_name = model_name
+        self.batch_sizes = tuple(batch_sizes)
+        r = self.registry
+        self.request_duration = Histogram(
+            "http_request_duration_seconds",
+            "Time from request received to response ready, by route template and status class.",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.requests = Counter(
+            "http_requests_total", "HTTP requests answered, by status class.", registry=r
+        )
+        self.errors = Counter(
+            "http_errors_total", "HTTP requests answered with an error, by type.", registry=r
+        )
+        self.in_flight = Gauge(
+            "http_requests_in_flight", "HTTP requests being handled now.", registry=r
+        )
+        self.queue_size = Gauge(
+            "inference_queue_size", "Images waiting in the batcher for a forward pass.", registry=r
+        )
+        self.inference_duration = Histogram(
+            "model_inference_duration_seconds",
+            "Duration of one forward pass (one batch).",
+            registry=r,
+            buckets=INFERENCE_BUCKETS,
+        )
+        self.predictions = Counter(
+            "model_predictions_total", "Images classified, by top-1 class.", registry=r
+        )
+        self.confidence = Histogram(
+            "model_prediction_confidence",
+            "Top-1 probability of each classified image.",
+            registry=r,
+            buckets=CONFIDENCE_BUCKETS,
+        )
+        self.memory = Gauge(
+            "model_memory_usage_bytes",
+            "Bytes held by the model's parameters and buffers on its device.",
+            registry=r,
+        )
+        self.info = Gauge(
+            "model_info",
+            "Always 1; the labels describe the model being served.",
+            registry=r,
+        )
+        self.compiles_after_warmup = Counter(
+            "model_compiles_after_warmup_total",
+            "Graphs torch.compile built after warm-up; each made a batch wait seconds (expect 0).",
+            registry=r,
+        )
+        self._compiles_after_warmup: Callable[[], int] = lambda: 0
+        self.batch_size = Histogram(
+            "batch_size",
+            "Images per forward pass.",
+            registry=r,
+            buckets=tuple(float(size) for size in range(1, max_batch_size + 1)),
+        )
+        self.queue_wait = Histogram(
+            "batch_queue_wait_seconds",
+            "Per image: time from entering the batcher's queue to dispatch.",
+            registry=r,
+            buckets=WAIT_BUCKETS,
+        )
+        self.dispatches = Counter(
+            "batch_dispatch_total",
+            "Batches dispatched, by reason: full, timeout (oldest waited), idle, drain.",
+            registry=r,
+        )
+        self.dropped = Counter(
+            "batch_dropped_total",
+            "Images dropped before the forward pass, by reason: cancelled, expired, rejected.",
+            registry=r,
+        )
+        self.padding = Counter(
+            "batch_padding_images_total",
+            "Zero images added to reach an allowed batch size (batching.batch_sizes).",
+            registry=r,
+        )
+        self.preprocess_duration = Histogram(
+            "image_preprocess_duration_seconds",
+            "Time to decode and transform one image, in the preprocessing pool.",
+            registry=r,
+            buckets=PREPROCESS_BUCKETS,
+        )
+        self.loop_lag = Histogram(
+            "event_loop_lag_seconds",
+            "How late the event loop woke a timer: time it spent blocked by other work.",
+            registry=r,
+            buckets=LAG_BUCKETS,
+        )
+        self.loop_cpu = Counter(
+            "event_loop_cpu_seconds_total",
+            "CPU time of the event loop's thread. A rate near 1 means the loop is the limit.",
+            registry=r,
+        )
+        # Series that should exist at zero before the first event, so rate() and absent()
+        # work from the first scrape.
+        for reason in ("full", "timeout", "drain", "idle"):
+            self.dispatches.set({"reason": reason}, 0)
+        for drop in ("cancelled", "expired", "rejected", "aborted"):
+            self.dropped.set({"reason": drop}, 0)
+        self.queue_size.set({}, 0)
+        self.in_flight.set({}, 0)
+        self.padding.set({}, 0)
+        self.loop_cpu.set({}, 0)
+        self.compiles_after_warmup.set({}, 0)
+
+    def describe_model(
+        self,
+        *,
+        weights: str,
+        device: str,
+        precision: str,
+        parameter_bytes: int,
+        compiles_after_warmup: Callable[[], int] | None = None,
+    ) -> None:
+        """Set the info metric and the model's memory; read the compile count at each scrape."""
+        if compiles_after_warmup is not None:
+            self._compiles_after_warmup = compiles_after_warmup
+        self.info.set(
+            {
+                "version": __version__,
+                "model_name": self.model_name,
+                "weights": weights,
+                "device": device,
+                "precision": precision,
+            },
+            1,
+        )
+        self.memory.set({}, parameter_bytes)
+
+    def observe_request(
+        self, *, method: str, endpoint: str, status: int, seconds: float, error_type: str | None
+    ) -> None:
+        """Record one answered request."""
+        method = method_label(method)
+        labels = {"method": method, "endpoint": endpoint, "status": status_class(status)}
+        self.requests.inc(labels)
+        self.request_duration.add(labels, seconds)
+        if error_type is not None:
+            self.errors.inc({"method": method, "endpoint": endpoint, "error_type": error_type})
+
+    def observe_predictions(self, predictions: Sequence[tuple[str, float]]) -> None:
+        """Record the top-1 class and confidence of each classified image."""
+        for label, confidence in predictions:
+            self.predictions.inc({"model_name": self.model_name, "prediction_class": label})
+            self.confidence.add({}, confidence)
+
+    async def watch_loop_lag(self, interval_s: float = 0.02) -> None:
+        """Sample the loop's lag and its thread's CPU time forever (runs on the loop)."""
+        loop = asyncio.get_running_loop()
+        cpu = time.thread_time()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(interval_s)
+            self.loop_lag.add({}, max(0.0, loop.time() - started - interval_s))
+            # The loop's own CPU per request is the steadiest measure of its cost: wall-clock
+            # lag also counts waits for a core or the GIL.
+            cpu_now = time.thread_time()
+            self.loop_cpu.add({}, cpu_now - cpu)
+            cpu = cpu_now
+
+    def render(self, accepts: Sequence[str]) -> tuple[bytes, dict[str, str]]:
+        """The exposition body and its headers, in the format the scraper accepts."""
+        # Counted by the model threads; read here, on the loop, as aioprometheus needs.
+        self.compiles_after_warmup.set({}, self._compiles_after_warmup())
+        body, headers = render(self.registry, accepts)
+        return body, dict(headers)
+
+    # BatcherObserver: called by the batcher on the loop thread.
+
+    def on_queue_size(self, size: int) -> None:
+        self.queue_size.set({}, size)
+
+    def on_dispatch(self, info: BatchInfo) -> None:
+        self.batch_size.add({}, info.size)
+        self.dispatches.inc({"reason": info.reason})
+        padding = padded_size(info.size, self.batch_sizes) - info.size
+        if padding:
+            self.padding.add({}, padding)
+        for wait in info.queue_waits_s:
+            self.queue_wait.add({}, wait)
+
+    def on_batch_done(
+        self, info: BatchInfo, duration_s: float, error: BaseException | None
+    ) -> None:
+        self.inference_duration.add({"model_name": self.model_name}, duration_s)
+
+    def on_drop(self, reason: DropReason, count: int) -> None:
+        self.dropped.add({"reason": reason}, count)

@@ -1,0 +1,16 @@
+"""Uploaded bytes to model input: format sniffing, limits, decode, EXIF, transforms."""
+
+from .decode import ACCEPTED_FORMATS, decode_image
+from .pool import Decoded, DecodePool
+from .preprocessor import Preprocessor
+from .transforms import FastTransform, fast_transform
+
+__all__ = [
+    "ACCEPTED_FORMATS",
+    "DecodePool",
+    "Decoded",
+    "FastTransform",
+    "Preprocessor",
+    "decode_image",
+    "fast_transform",
+]
