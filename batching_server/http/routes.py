@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractRoute
 from aiohttp.typedefs import Handler
 
 __all__ = ["ROUTES", "Route", "RouteTable", "add_routes", "route_of"]
@@ -76,16 +77,16 @@ class RouteTable:
         return self.route("POST", path, summary=summary, public=public, traced=traced)
 
 
-ROUTES = web.AppKey("routes", dict[Handler, Route])
-"""Every route of an app, by handler: what ``route_of`` reads."""
+ROUTES = web.AppKey("routes", dict[AbstractRoute, Route])
+"""Every route of an app, by aiohttp's route object: what ``route_of`` reads."""
 
 
 def add_routes(app: web.Application, routes: Iterable[Route]) -> None:
     """Register ``routes`` on ``app`` and remember their policies."""
     table = app.setdefault(ROUTES, {})
     for route in routes:
-        app.router.add_route(route.method, route.path, route.handler)
-        table[route.handler] = route
+        # Keyed by aiohttp's route, not the handler: one handler may serve several routes.
+        table[app.router.add_route(route.method, route.path, route.handler)] = route
 
 
 def route_of(request: web.Request) -> Route | None:
@@ -93,4 +94,4 @@ def route_of(request: web.Request) -> Route | None:
     table = request.app.get(ROUTES)
     if table is None:
         return None
-    return table.get(request.match_info.handler)
+    return table.get(request.match_info.route)
