@@ -1,5 +1,5 @@
 """ResNet-50 image classification over HTTP, with dynamic request batching."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["__version__"]

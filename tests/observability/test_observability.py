@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
+from batching_server import __version__
 from batching_server.http.app import create_metrics_app
 from batching_server.models import ModelRunner
 from batching_server.observability import tracing
@@ -99,7 +100,7 @@ async def test_golden_signals_and_batch_metrics(
     assert value(samples, "model_memory_usage_bytes") > 90_000_000  # ResNet-50, fp32
     info = [labels for (name, labels), _ in samples.items() if name == "model_info"]
     assert dict(info[0]) == {
-        "version": "0.1.0",
+        "version": __version__,
         "model_name": "resnet50",
         "weights": "random",
         "device": "cpu",
