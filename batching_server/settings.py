@@ -16,9 +16,11 @@ from typing import Any
 from dynaconf import Dynaconf
 
 __all__ = [
+    "CROSS_KEY_RULES",
     "ENV_PREFIX",
     "AuthSettings",
     "BatchingSettings",
+    "CrossKeyRule",
     "LimitsSettings",
     "LoggingSettings",
     "MetricsSettings",
@@ -35,7 +37,17 @@ __all__ = [
 ENV_PREFIX = "BATCHING_SERVER"
 NAMED_WEIGHTS = ("IMAGENET1K_V1", "IMAGENET1K_V2")
 
-Check = Callable[[Any], Any]
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """A setting's validator, with what it accepts in words (for errors and the docs)."""
+
+    allowed: str
+    convert: Callable[[Any], Any]
+
+    def __call__(self, value: Any) -> Any:
+        """Return the typed value, or raise ValueError with the expectation in words."""
+        return self.convert(value)
 
 
 class SettingsError(Exception):
@@ -49,38 +61,50 @@ class SettingsError(Exception):
 
 
 # Each check takes the raw value and returns the typed one, or raises ValueError with the
-# expectation in words; the caller prefixes the key and appends the bad value.
+# expectation in words; the caller prefixes the key and appends the bad value. Where it can,
+# the error text is the ``allowed`` text, so the message and the docs cannot drift apart.
 
 
 def _integer(low: int, high: int) -> Check:
+    allowed = f"an integer from {low} to {high}"
+
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"an integer from {low} to {high}")
+            raise ValueError(allowed)
         return value
 
-    return check
+    return Check(allowed, check)
 
 
 def _number(low: float, high: float) -> Check:
+    allowed = f"a number from {low:g} to {high:g}"
+
     def check(value: Any) -> float:
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
             or not low <= value <= high
         ):
-            raise ValueError(f"a number from {low:g} to {high:g}")
+            raise ValueError(allowed)
         return float(value)
 
-    return check
+    return Check(allowed, check)
 
 
-def _boolean(value: Any) -> bool:
+def _check_boolean(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ValueError("true or false")
+        raise ValueError(_boolean.allowed)
     return value
 
 
+_boolean = Check("true or false", _check_boolean)
+
+
 def _choice(*choices: str, case_insensitive: bool = False) -> Check:
+    allowed = "one of " + ", ".join(repr(c) for c in choices)
+    if case_insensitive:
+        allowed += " (any case)"
+
     def check(value: Any) -> str:
         if isinstance(value, str):
             wanted = value.upper() if case_insensitive else value
@@ -89,22 +113,30 @@ def _choice(*choices: str, case_insensitive: bool = False) -> Check:
                     return choice
         raise ValueError("one of " + ", ".join(repr(c) for c in choices))
 
-    return check
+    return Check(allowed, check)
 
 
-def _host(value: Any) -> str:
+_HOST = "a host name or IP address without spaces, such as '127.0.0.1'"
+
+
+def _check_host(value: Any) -> str:
     if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value):
-        raise ValueError("a host name or IP address without spaces, such as '127.0.0.1'")
+        raise ValueError(_HOST)
     return value
 
 
-def _host_or_empty(value: Any) -> str:
-    return "" if value == "" else _host(value)
+_host = Check(_HOST, _check_host)
+# Empty stands for server.host; a bad value is still reported in _host's words.
+_host_or_empty = Check(
+    f"empty, or {_HOST}", lambda value: "" if value == "" else _check_host(value)
+)
+
+_WEIGHTS = f"one of {', '.join(NAMED_WEIGHTS)}, 'random', or a path to a state_dict"
 
 
-def _weights(value: Any) -> str:
+def _check_weights(value: Any) -> str:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"one of {', '.join(NAMED_WEIGHTS)}, 'random', or a path to a state_dict")
+        raise ValueError(_WEIGHTS)
     if value in NAMED_WEIGHTS or value == "random":
         return value
     if value.upper() in NAMED_WEIGHTS:
@@ -117,59 +149,107 @@ def _weights(value: Any) -> str:
     return str(Path(value).expanduser())
 
 
-def _paths(value: Any) -> tuple[str, ...]:
+_weights = Check(_WEIGHTS + " file (named weights in any case)", _check_weights)
+
+_PATHS = 'a list of URL paths, such as ["/metrics", "/health"]'
+
+
+def _check_paths(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list | tuple) or not all(
         isinstance(p, str) and p.startswith("/") for p in value
     ):
-        raise ValueError('a list of URL paths, such as ["/metrics", "/health"]')
+        raise ValueError(_PATHS)
     return tuple(value)
 
 
-def _batch_sizes(value: Any) -> tuple[int, ...]:
+_paths = Check(_PATHS, _check_paths)
+
+_BATCH_SIZES = "a strictly increasing list of integers from 1 to 256, such as [1, 4, 8]"
+
+
+def _check_batch_sizes(value: Any) -> tuple[int, ...]:
     if (
         not isinstance(value, list | tuple)
         or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 256 for v in value)
         or list(value) != sorted(set(value))
     ):
-        raise ValueError("a strictly increasing list of integers from 1 to 256, such as [1, 4, 8]")
+        raise ValueError(_BATCH_SIZES)
     return tuple(value)
 
 
-def _api_keys(value: Any) -> tuple[str, ...]:
+_batch_sizes = Check(_BATCH_SIZES, _check_batch_sizes)
+
+_API_KEYS = "a list of API keys, each at least 16 printable characters, no spaces"
+
+
+def _check_api_keys(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list | tuple) or not all(
         isinstance(k, str) and len(k) >= 16 and k.isprintable() and " " not in k for k in value
     ):
-        raise ValueError("a list of API keys, each at least 16 printable characters, no spaces")
+        raise ValueError(_API_KEYS)
     return tuple(value)
 
 
-def _ratio(value: Any) -> float:
-    return float(_number(0.0, 1.0)(value))
+_api_keys = Check(_API_KEYS, _check_api_keys)
+_ratio = _number(0.0, 1.0)
 
 
-def _text(value: Any) -> str:
+def _check_text(value: Any) -> str:
     if not isinstance(value, str):
-        raise ValueError("a string")
+        raise ValueError(_text.allowed)
     return value
 
 
-def _setting(default: Any, check: Check, doc: str) -> Any:
-    return field(default=default, metadata={"check": check, "doc": doc})
+_text = Check("a string", _check_text)
+
+
+def _setting(default: Any, check: Check, doc: str, details: str = "") -> Any:
+    """A field whose metadata carries its check, its one-line doc and its longer details.
+
+    ``details`` says why, the trade-off and the interactions with other keys; blank lines
+    separate its paragraphs, other line breaks are only source layout.
+    """
+    return field(
+        default=default,
+        metadata={"check": check, "doc": doc, "details": details, "allowed": check.allowed},
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServerSettings:
     """Where the HTTP server listens and how long it may take to drain."""
 
-    host: str = _setting("127.0.0.1", _host, "interface to bind")
-    port: int = _setting(8080, _integer(0, 65535), "TCP port (0 picks a free one)")
+    host: str = _setting(
+        "127.0.0.1",
+        _host,
+        "Interface to bind",
+        """`127.0.0.1` keeps the server local; use `0.0.0.0` in a container. The command line's
+        `--host` overrides it.""",
+    )
+    port: int = _setting(
+        8080,
+        _integer(0, 65535),
+        "TCP port (0 picks a free one, which is logged)",
+        "The command line's `--port` overrides it.",
+    )
     graceful_shutdown_timeout_s: float = _setting(
-        30.0, _number(0, 3600), "time to finish accepted requests after SIGTERM"
+        30.0,
+        _number(0, 3600),
+        "Seconds to finish accepted requests after SIGTERM or SIGINT",
+        """First `/ready` turns 503 and the listening socket closes; accepted requests then have
+        this long to finish, queued images are drained, and the process exits 0.""",
     )
     low_priority_workers: bool = _setting(
         True,
         _boolean,
-        "decode and model threads run below the event loop's priority (nice +10 and +19, Linux)",
+        "Decode and model threads run below the event loop's priority (nice +10 and +19, Linux)",
+        """This way, on a saturated machine the event loop still gets a core as soon as a request or
+        a result is ready, rather than waiting behind a decode or a forward pass. The model threads
+        and their OpenMP workers go lowest: a batch that waits a little still serves all its images
+        while a late loop delays every request, and a decode thread holding the GIL never waits for
+        a core behind a forward pass. A nice value is a weight, not `SCHED_IDLE`: an overloaded
+        machine still gives the forward passes their share. Other platforms than Linux ignore
+        it.""",
     )
 
 
@@ -177,20 +257,60 @@ class ServerSettings:
 class BatchingSettings:
     """How the dynamic batcher groups images into forward passes."""
 
-    max_batch_size: int = _setting(8, _integer(1, 256), "images in one forward pass at most")
+    max_batch_size: int = _setting(
+        8,
+        _integer(1, 256),
+        "Images in one forward pass at most",
+        """With `model.warmup`, every batch shape a request can reach runs once before the server
+        reports ready: every size from 1 to this, or the entries of `batching.batch_sizes` that
+        cover them.""",
+    )
     max_wait_ms: float = _setting(
-        10.0, _number(0, 10_000), "longest the oldest queued image waits for a fuller batch"
+        10.0,
+        _number(0, 10_000),
+        "Longest the oldest queued image waits for a fuller batch, in milliseconds",
+        """0 dispatches whatever is queued as soon as the model is free. A longer wait fills bigger
+        batches under light load at the cost of latency; `batching.dispatch_when_idle` skips the
+        wait when nothing could join the batch.""",
     )
-    max_queue_size: int = _setting(64, _integer(1, 100_000), "images waiting, at most")
+    max_queue_size: int = _setting(
+        64,
+        _integer(1, 100_000),
+        "Images waiting for a batch, at most; past it, /predict answers 503",
+        """A bounded queue turns overload into quick 503s rather than requests that wait out their
+        deadline.""",
+    )
     dispatch_when_idle: bool = _setting(
-        True, _boolean, "a partial batch goes at once when no request is uploading or decoding"
+        True,
+        _boolean,
+        "A partial batch goes at once when no request is uploading or decoding",
+        """Nothing could join such a batch, so waiting `batching.max_wait_ms` would only add
+        latency.""",
     )
-    request_timeout_s: float = _setting(30.0, _number(0.001, 3600), "deadline of one request")
+    request_timeout_s: float = _setting(
+        30.0,
+        _number(0.001, 3600),
+        "Deadline of one /predict request, in seconds",
+        """The deadline covers upload, decode, queue and inference; past it the request gets 504
+        and, if its images are still queued, they cost no compute. A client's `X-Request-Timeout`
+        header can shorten it, never lengthen it.""",
+    )
     max_concurrent_batches: int = _setting(
-        0, _integer(0, 16), "forward passes in flight (0: 2 on a CPU, 1 on a GPU)"
+        0,
+        _integer(0, 16),
+        "Forward passes in flight, each on its own model thread (0: auto)",
+        """Auto runs 2 at once on a CPU with 2 or more cores, each on half of them (see
+        `model.num_threads`), and 1 on a GPU or a single core. One pass's OpenMP team waits at every
+        barrier for whichever of its threads was pre-empted (by a decode, the event loop or the
+        hypervisor), leaving cores idle with work queued, while two passes only share the cores.""",
     )
     batch_sizes: tuple[int, ...] = _setting(
-        (), _batch_sizes, "allowed batch shapes; a batch is padded up to the next one"
+        (),
+        _batch_sizes,
+        "Allowed batch shapes; a batch is padded up to the next one",
+        """Padding uses zero images, so a compiled model sees only these shapes and warm-up compiles
+        only these. Empty: every size from 1 to `batching.max_batch_size`. Set it, such as `[1, 2,
+        4, 8]`, when `model.compile` is on.""",
     )
 
 
@@ -198,23 +318,73 @@ class BatchingSettings:
 class ModelSettings:
     """Which weights to load, where to run them and how to prepare the process."""
 
-    weights: str = _setting("IMAGENET1K_V2", _weights, "named weights, 'random' or a path")
-    device: str = _setting("auto", _choice("auto", "cpu", "cuda"), "where the model runs")
-    warmup: bool = _setting(True, _boolean, "run every batch size once before ready")
+    weights: str = _setting(
+        "IMAGENET1K_V2",
+        _weights,
+        "Named weights, 'random' or a path to a state_dict file",
+        """Named weights come from torchvision's cache, downloaded once if missing. A path names a
+        file saved with `torch.save(model.state_dict(), path)` from `torchvision.models.resnet50`.
+        `random` is a seeded, untrained ResNet-50 with the same compute cost, for tests and
+        benchmarks only: its predictions are meaningless.
+
+        Preprocessing follows the chosen weights' own torchvision transform; `random` and state_dict
+        files use the `IMAGENET1K_V2` transform.""",
+    )
+    device: str = _setting(
+        "auto",
+        _choice("auto", "cpu", "cuda"),
+        "Where the model runs",
+        """`auto` picks CUDA when it is available, else the CPU; `cuda` without a GPU fails at
+        start-up.""",
+    )
+    warmup: bool = _setting(
+        True,
+        _boolean,
+        "Run every batch shape once before reporting ready",
+        """Warming up spares the first requests the first pass of each shape (or, with
+        `model.compile`, its compilation). A failed warm-up makes the process exit 1.""",
+    )
     num_threads: int = _setting(
-        0, _integer(0, 1024), "torch threads per forward pass (0: the cores shared out)"
+        0,
+        _integer(0, 1024),
+        "Torch threads of each forward pass (0: auto)",
+        """Auto shares the available cores out among the `batching.max_concurrent_batches` passes,
+        and gives every core to a one-image batch that starts while no other pass runs, since that
+        is the latency an idle server's client sees. Set, every pass gets exactly this many.""",
     )
-    interop_threads: int = _setting(0, _integer(0, 1024), "torch inter-op threads (0: torch's)")
+    interop_threads: int = _setting(
+        0, _integer(0, 1024), "Torch inter-op threads (0: torch's default)"
+    )
     precision: str = _setting(
-        "auto", _choice("auto", "fp32", "bf16", "fp16"), "autocast precision; auto: native"
+        "auto",
+        _choice("auto", "fp32", "bf16", "fp16"),
+        "Autocast precision; the weights stay fp32",
+        """`auto` picks bf16 on CPUs with AMX or AVX512-BF16, fp16 on CUDA and fp32 otherwise, and
+        logs the choice and why.""",
     )
-    channels_last: bool = _setting(True, _boolean, "NHWC memory format (faster on CPU and GPU)")
-    compile: bool = _setting(False, _boolean, "torch.compile (inductor, freezing) at warm-up")
-    seed: int = _setting(0, _integer(0, 2**32 - 1), "seed of the 'random' weights")
+    channels_last: bool = _setting(
+        True,
+        _boolean,
+        "NHWC memory format",
+        "Faster convolutions on CPU (oneDNN) and on GPU tensor cores.",
+    )
+    compile: bool = _setting(
+        False,
+        _boolean,
+        "torch.compile (inductor, weight freezing) at warm-up",
+        """Compiled forward passes are faster, but warm-up compiles every batch shape before the
+        server reports ready, which is slow on a CPU, so it is opt-in. Turn it on with
+        `batching.batch_sizes` set, so that only those shapes are compiled.""",
+    )
+    seed: int = _setting(0, _integer(0, 2**32 - 1), "Seed of the 'random' weights")
     stall_timeout_s: float = _setting(
         60.0,
         _number(0, 86_400),
-        "a forward pass running longer marks the server failed; it exits 4 (0: never)",
+        "A forward pass running longer is taken as hung, in seconds (0: never)",
+        """A hung pass makes `/ready` and `/health` answer 503 and queued requests fail with 503,
+        and the process exits with status 4 so that its supervisor restarts it: a thread stuck in
+        native code cannot be stopped. Keep it well above the slowest forward pass of the largest
+        batch.""",
     )
 
 
@@ -223,14 +393,26 @@ class LimitsSettings:
     """Input limits that keep one request from costing unbounded memory or time."""
 
     max_upload_bytes: int = _setting(
-        20 * 1024 * 1024, _integer(1024, 2**31), "request body size at most"
+        20 * 1024 * 1024,
+        _integer(1024, 2**31),
+        "Request body size at most, in bytes; over it, 413",
     )
     max_image_pixels: int = _setting(
-        50_000_000, _integer(1, 1_000_000_000), "width x height at most, checked before decoding"
+        50_000_000,
+        _integer(1, 1_000_000_000),
+        "Width x height at most, checked before decoding; over it, 413",
+        """The size is read from the image header before any pixel is decoded, so a decompression
+        bomb costs nothing.""",
     )
-    max_files_per_request: int = _setting(16, _integer(1, 1024), "file parts in one request")
+    max_files_per_request: int = _setting(
+        16, _integer(1, 1024), "File parts in one request at most; over it, 400"
+    )
     max_concurrent_uploads: int = _setting(
-        16, _integer(1, 10_000), "requests reading or decoding their upload at once"
+        16,
+        _integer(1, 10_000),
+        "Requests reading or decoding their upload at once",
+        """Requests past this many wait, unread, within their deadline, so upload memory stays under
+        this times `limits.max_upload_bytes`.""",
     )
 
 
@@ -238,9 +420,23 @@ class LimitsSettings:
 class PreprocessSettings:
     """How uploads are decoded."""
 
-    jpeg_draft: bool = _setting(True, _boolean, "decode JPEGs at reduced scale when large")
-    fast_resize: bool = _setting(True, _boolean, "resize on torch's uint8 kernel")
-    threads: int = _setting(0, _integer(0, 256), "decode threads (0: one per core)")
+    jpeg_draft: bool = _setting(
+        True,
+        _boolean,
+        "Decode large JPEGs at reduced scale",
+        """Decoding happens in the DCT domain at 1/2, 1/4 or 1/8 scale, never below the model's
+        resize size: a large photo decodes much faster, and the tensor stays within a small, tested
+        bound of the full decode.""",
+    )
+    fast_resize: bool = _setting(
+        True,
+        _boolean,
+        "Resize, crop and normalise on torch's uint8 kernel",
+        """An antialiased uint8 resize and one multiply-add replace torchvision's transform
+        (Pillow's resize, then separate passes): much faster, with every value within one 8-bit
+        level of the reference. `false` gives torchvision's output bit for bit.""",
+    )
+    threads: int = _setting(0, _integer(0, 256), "Decode threads (0: one per available core)")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -248,16 +444,29 @@ class MetricsSettings:
     """Where ``/metrics`` is served."""
 
     port: int = _setting(
-        0, _integer(0, 65535), "separate port for /metrics only (0: on the API port)"
+        0,
+        _integer(0, 65535),
+        "Separate port for /metrics only (0: on the API port)",
+        """With a port set, the API port answers 404 on /metrics, so that metrics need not be
+        exposed with the API.""",
     )
-    host: str = _setting("", _host_or_empty, "interface of that port (empty: server.host)")
+    host: str = _setting(
+        "", _host_or_empty, "Interface of the metrics port (empty: the same as server.host)"
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuthSettings:
     """Who may call ``/predict``."""
 
-    api_keys: tuple[str, ...] = _setting((), _api_keys, "bearer tokens; empty: no auth")
+    api_keys: tuple[str, ...] = _setting(
+        (),
+        _api_keys,
+        "Bearer tokens accepted on POST /predict (empty: no authentication)",
+        """A client sends `Authorization: Bearer <key>`; probes and /metrics stay open. Prefer the
+        environment for secrets, so that they stay out of files:
+        `BATCHING_SERVER_AUTH__API_KEYS='["..."]'`.""",
+    )
 
     def __repr__(self) -> str:
         # Keys must never reach a log line or a traceback.
@@ -271,26 +480,63 @@ class LoggingSettings:
     level: str = _setting(
         "INFO",
         _choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", case_insensitive=True),
-        "lowest level written",
+        "Lowest level written",
     )
-    format: str = _setting("json", _choice("json", "text"), "json lines, or text for a terminal")
+    format: str = _setting(
+        "json",
+        _choice("json", "text"),
+        "JSON lines, or text for a terminal",
+        "`json` writes one JSON object per line, for a log collector.",
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TracingSettings:
     """OpenTelemetry spans: whether to record them and where to send them."""
 
-    enabled: bool = _setting(True, _boolean, "spans and trace ids (recorded only with an exporter)")
+    enabled: bool = _setting(
+        True,
+        _boolean,
+        "Spans and trace ids (recorded only with an exporter)",
+        """Even with no exporter, requests get trace ids: in the logs, and continued from a client's
+        `traceparent` header.""",
+    )
     exporter: str = _setting(
-        "none", _choice("none", "otlp-http", "otlp-grpc", "console"), "where spans go"
+        "none",
+        _choice("none", "otlp-http", "otlp-grpc", "console"),
+        "Where spans go",
+        """`none`: nothing leaves the process, so no collector is needed, and spans are not recorded
+        at all. `otlp-http` and `otlp-grpc` export them in batches from a background thread to
+        `tracing.endpoint`, flushed on shutdown; `console` prints them to stdout, for debugging
+        only.""",
     )
     endpoint: str = _setting(
-        "", _text, "collector URL; empty: OTEL_EXPORTER_OTLP_* variables or the default"
+        "",
+        _text,
+        "Collector URL (empty: the OTEL_EXPORTER_OTLP_* variables or the exporter's default)",
+        """For example `http://localhost:4318/v1/traces` for otlp-http or `http://localhost:4317`
+        for otlp-grpc. When empty, the exporter reads `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
+        `OTEL_EXPORTER_OTLP_ENDPOINT`.""",
     )
-    service_name: str = _setting("batching_server", _text, "service.name of every span")
-    sample_ratio: float = _setting(1.0, _ratio, "share of new traces recorded, 0 to 1")
+    service_name: str = _setting(
+        "batching_server",
+        _text,
+        "service.name of every span",
+        "`OTEL_SERVICE_NAME`, when set, wins.",
+    )
+    sample_ratio: float = _setting(
+        1.0,
+        _ratio,
+        "Share of new traces recorded, with an exporter",
+        """A client's sampled `traceparent` is always followed. `OTEL_TRACES_SAMPLER`, when set,
+        wins.""",
+    )
     excluded_paths: tuple[str, ...] = _setting(
-        (), _paths, "more paths that get no server span (probes and /metrics never do)"
+        (),
+        _paths,
+        "More paths that get no server span",
+        """Probes and /metrics never get a server span (their routes say so): they would drown the
+        real traffic.""",
     )
 
 
@@ -322,44 +568,90 @@ _SECTIONS: dict[str, type[Any]] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class CrossKeyRule:
+    """A rule between keys: the keys, the rule in words, and the problem when it is broken."""
+
+    keys: frozenset[str]
+    rule: str
+    problem: Callable[[Settings], str | None]
+
+
+def _queue_holds_a_batch(settings: Settings) -> str | None:
+    batching = settings.batching
+    if batching.max_queue_size >= batching.max_batch_size:
+        return None
+    return (
+        f"batching.max_queue_size ({batching.max_queue_size}) must be at least "
+        f"batching.max_batch_size ({batching.max_batch_size}), or no batch can fill"
+    )
+
+
+def _largest_shape_holds_a_batch(settings: Settings) -> str | None:
+    batching = settings.batching
+    if not batching.batch_sizes or batching.batch_sizes[-1] >= batching.max_batch_size:
+        return None
+    return (
+        f"the largest of batching.batch_sizes ({batching.batch_sizes[-1]}) must be at "
+        f"least batching.max_batch_size ({batching.max_batch_size})"
+    )
+
+
+def _metrics_port_is_its_own(settings: Settings) -> str | None:
+    if not settings.metrics.port or settings.metrics.port != settings.server.port:
+        return None
+    return (
+        f"metrics.port ({settings.metrics.port}) must differ from server.port, or "
+        "be 0 to serve /metrics on the API port"
+    )
+
+
+def _request_fits_the_queue(settings: Settings) -> str | None:
+    limits, batching = settings.limits, settings.batching
+    if limits.max_files_per_request <= batching.max_queue_size:
+        return None
+    return (
+        f"limits.max_files_per_request ({limits.max_files_per_request}) must not "
+        f"exceed batching.max_queue_size ({batching.max_queue_size}), or such a "
+        "request could never be admitted"
+    )
+
+
+# In the order their problems are reported.
+CROSS_KEY_RULES = (
+    CrossKeyRule(
+        frozenset({"batching.max_queue_size", "batching.max_batch_size"}),
+        "`batching.max_queue_size` must be at least `batching.max_batch_size`, or no batch "
+        "could fill.",
+        _queue_holds_a_batch,
+    ),
+    CrossKeyRule(
+        frozenset({"batching.batch_sizes", "batching.max_batch_size"}),
+        "When `batching.batch_sizes` is set, its largest entry must be at least "
+        "`batching.max_batch_size`, so that every batch has a shape to be padded to.",
+        _largest_shape_holds_a_batch,
+    ),
+    CrossKeyRule(
+        frozenset({"metrics.port", "server.port"}),
+        "`metrics.port` must differ from `server.port`; 0 serves /metrics on the API port instead.",
+        _metrics_port_is_its_own,
+    ),
+    CrossKeyRule(
+        frozenset({"limits.max_files_per_request", "batching.max_queue_size"}),
+        "`limits.max_files_per_request` must not exceed `batching.max_queue_size`, or a "
+        "request with that many files could never be admitted.",
+        _request_fits_the_queue,
+    ),
+)
+
+
 def _cross_checks(settings: Settings) -> list[tuple[set[str], str]]:
     """Problems between keys, each with the keys it involves."""
-    batching, limits = settings.batching, settings.limits
-    problems = []
-    if batching.max_queue_size < batching.max_batch_size:
-        problems.append(
-            (
-                {"batching.max_queue_size", "batching.max_batch_size"},
-                f"batching.max_queue_size ({batching.max_queue_size}) must be at least "
-                f"batching.max_batch_size ({batching.max_batch_size}), or no batch can fill",
-            )
-        )
-    if batching.batch_sizes and batching.batch_sizes[-1] < batching.max_batch_size:
-        problems.append(
-            (
-                {"batching.batch_sizes", "batching.max_batch_size"},
-                f"the largest of batching.batch_sizes ({batching.batch_sizes[-1]}) must be at "
-                f"least batching.max_batch_size ({batching.max_batch_size})",
-            )
-        )
-    if settings.metrics.port and settings.metrics.port == settings.server.port:
-        problems.append(
-            (
-                {"metrics.port", "server.port"},
-                f"metrics.port ({settings.metrics.port}) must differ from server.port, or "
-                "be 0 to serve /metrics on the API port",
-            )
-        )
-    if limits.max_files_per_request > batching.max_queue_size:
-        problems.append(
-            (
-                {"limits.max_files_per_request", "batching.max_queue_size"},
-                f"limits.max_files_per_request ({limits.max_files_per_request}) must not "
-                f"exceed batching.max_queue_size ({batching.max_queue_size}), or such a "
-                "request could never be admitted",
-            )
-        )
-    return problems
+    return [
+        (set(rule.keys), message)
+        for rule in CROSS_KEY_RULES
+        if (message := rule.problem(settings)) is not None
+    ]
 
 
 def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
