@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: install system-deps serve test lint format bench clean
+.PHONY: install system-deps serve test lint format docs perf-doc bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,9 +29,15 @@ lint: $(STAMP)  ## ruff, ruff format and mypy, as CI runs them
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+docs: $(STAMP)  ## regenerate docs/settings.md and settings.toml from batching_server/settings.py
+	$(BIN)/python -m batching_server.settings_doc
+
 bench: $(STAMP)  ## the headline benchmark: seed-style against tuned, with the targets
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.compare
+
+perf-doc: $(STAMP)  ## render docs/performance.md and README's headline from benchmarks/results/*.json
+	$(BIN)/python -m benchmarks.report
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
