@@ -457,14 +457,15 @@ class MetricsSettings:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuthSettings:
-    """Who may call ``/predict``."""
+    """Who may call the protected routes."""
 
     api_keys: tuple[str, ...] = _setting(
         (),
         _api_keys,
-        "Bearer tokens accepted on POST /predict (empty: no authentication)",
-        """A client sends `Authorization: Bearer <key>`; probes and /metrics stay open. Prefer the
-        environment for secrets, so that they stay out of files:
+        "Bearer tokens accepted on every protected route (empty: no authentication)",
+        """A client sends `Authorization: Bearer <key>`. Every route needs one unless it is
+        declared public (today /health, /ready, /metrics and /), and so does a request that
+        matches no route. Prefer the environment for secrets, so that they stay out of files:
         `BATCHING_SERVER_AUTH__API_KEYS='["..."]'`.""",
     )
 

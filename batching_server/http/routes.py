@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from aiohttp import web
-from aiohttp.web_urldispatcher import AbstractRoute
 from aiohttp.typedefs import Handler
+from aiohttp.web_urldispatcher import AbstractRoute
 
 __all__ = ["ROUTES", "Route", "RouteTable", "add_routes", "route_of"]
 
