@@ -560,10 +560,20 @@ def render_doc(results: Results) -> str:
     return "\n\n".join(sections) + "\n"
 
 
+def _machine_tag(data: Json) -> str:
+    """A few words naming the machine of one result, so figures from different ones show it."""
+    machine = str(data["provenance"]["machine"])
+    for needle, tag in (("EPYC", "AMD EPYC"), ("Xeon", "Xeon"), ("H100", "H100"), ("H200", "H200")):
+        if needle in machine:
+            return tag
+    return machine.split(",")[0]
+
+
 def render_headline(results: Results) -> str:
     """README's headline table (a few current figures) and a link to the full page."""
     targets = {t["target"]: t for t in results["compare.json"]["targets"]}
     ratio = targets["throughput c=32 vs seed-style"]["measured"]
+    bound = targets["throughput c=32 vs pipeline bound"]["measured"]
     c1 = next(r for r in results["load.json"]["results"] if r.get("concurrency") == 1)
     best = results["model_ceiling.json"]["best"]
     soak = results["soak.json"]["summary"]
@@ -573,23 +583,38 @@ def render_headline(results: Results) -> str:
     )
     gpu_served = max(results["load_gpu.json"]["results"], key=lambda r: r["throughput"])
     rows = [
-        ["tuned / seed-style throughput at concurrency 32 (CPU)", f"{ratio:.1f}{TIMES}"],
-        ["p50 latency at concurrency 1 (CPU, tuned)", f"{c1['p50_ms']:.0f} ms"],
         [
-            f"model alone, best (CPU, {VARIANT_LABELS.get(best['variant'], best['variant'])}, "
+            "tuned / seed-style throughput at concurrency 32 "
+            f"({_machine_tag(results['compare.json'])})",
+            f"{ratio:.1f}{TIMES}",
+        ],
+        [
+            "served throughput / pipeline bound at concurrency 32 "
+            f"({_machine_tag(results['compare.json'])})",
+            f"{bound:.0%}",
+        ],
+        [
+            f"p50 latency at concurrency 1 (tuned, {_machine_tag(results['load.json'])})",
+            f"{c1['p50_ms']:.0f} ms",
+        ],
+        [
+            f"model alone, best ({_machine_tag(results['model_ceiling.json'])}, "
+            f"{VARIANT_LABELS.get(best['variant'], best['variant'])}, "
             f"batch {best['batch_size']})",
             f"{best['images_per_s']:.1f} images/s",
         ],
         [
-            f"soak, {results['soak.json']['duration_s']:g} s of steady load (CPU)",
+            f"soak, {results['soak.json']['duration_s']:g} s of steady load "
+            f"({_machine_tag(results['soak.json'])})",
             f"{soak['sent']:,} requests, {errors:,} errors, RSS {soak['rss_growth_mb']:+.1f} MB",
         ],
         [
-            f"model alone on a GPU (compiled, batch {gpu_model['batch_size']})",
+            f"model alone ({_machine_tag(results['gpu_check_compile.json'])}, compiled, "
+            f"batch {gpu_model['batch_size']})",
             f"{gpu_model['images_per_s']:.1f} images/s",
         ],
         [
-            f"served on a GPU (eager, {_point(gpu_served)})",
+            f"served ({_machine_tag(results['load_gpu.json'])}, eager, {_point(gpu_served)})",
             f"{gpu_served['throughput']:.1f} images/s",
         ],
     ]
