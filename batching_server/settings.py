@@ -464,7 +464,7 @@ class AuthSettings:
         _api_keys,
         "Bearer tokens accepted on every protected route (empty: no authentication)",
         """A client sends `Authorization: Bearer <key>`. Every route needs one unless it is
-        declared public (today /health, /ready, /metrics and /), and so does a request that
+        declared public (today /health, /ready and /metrics), and so does a request that
         matches no route. Prefer the environment for secrets, so that they stay out of files:
         `BATCHING_SERVER_AUTH__API_KEYS='["..."]'`.""",
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from aiohttp import web
 
@@ -55,7 +56,9 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers=headers)
 
 
-@routes.get("/", summary="this summary", public=True)
+# Protected when auth.api_keys is set: it describes the model and the limits, which a caller
+# without a key has no need to learn.
+@routes.get("/", summary="this summary")
 async def index(request: web.Request) -> web.Response:
     """Service name, version, a settings summary and the endpoints."""
     settings = request.app[SETTINGS]
@@ -69,7 +72,8 @@ async def index(request: web.Request) -> web.Response:
             "version": __version__,
             "model": {
                 "name": request.app[MODEL_SPEC].name,
-                "weights": settings.model.weights,
+                # A checkpoint's file name only: its directory tells a caller about the host.
+                "weights": Path(settings.model.weights).name,
                 "device": str(runner.device) if runner else None,
                 "classes": len(runner.labels) if runner else None,
             },

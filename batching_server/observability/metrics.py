@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from collections.abc import Callable, Sequence
 
 from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
@@ -170,7 +171,8 @@ class ServiceMetrics:
             {
                 "version": __version__,
                 "model_name": self.model_name,
-                "weights": weights,
+                # A checkpoint's file name only: its directory tells a scraper about the host.
+                "weights": Path(weights).name,
                 "device": device,
                 "precision": precision,
             },

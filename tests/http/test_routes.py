@@ -43,9 +43,12 @@ def test_a_route_is_protected_and_traced_unless_it_says_otherwise() -> None:
 
 async def test_public_routes_need_no_key_and_the_rest_do(app_client: AppClient) -> None:
     client = await app_client(auth={"api_keys": [KEY]})
-    for path in ("/health", "/ready", "/metrics", "/"):
+    for path in ("/health", "/ready", "/metrics"):
         assert (await client.get(path)).status == 200, path
     assert (await client.post("/predict")).status == 401
+    # The summary describes the model and the limits: a caller needs a key to read it.
+    assert (await client.get("/")).status == 401
+    assert (await client.get("/", headers=AUTH)).status == 200
     # A request that matches no route tells a caller without a key nothing, not even 404.
     for method, path in (("GET", "/no-such-route"), ("GET", "/predict"), ("DELETE", "/health")):
         response = await client.request(method, path)

@@ -28,7 +28,7 @@ from batching_server.observability.logs import configure_logging
 from batching_server.observability.metrics import ServiceMetrics
 from batching_server.observability.tracing import create_tracer_provider
 from batching_server.settings import TracingSettings
-from tests.conftest import AppClient, saturate
+from tests.conftest import AppClient, make_settings, saturate
 from tests.fakes import SpyRunner
 from tests.images import photo_bytes
 from tests.metrics_text import parse_metrics, scrape, value
@@ -390,3 +390,17 @@ def test_tracing_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not provider.get_tracer("t").start_span("s").is_recording()
     finally:
         provider.shutdown()
+
+
+async def test_a_checkpoints_directory_is_never_shown(app_client: AppClient, tmp_path: Any) -> None:
+    # The app is given the shared model; the settings only need the file to exist.
+    checkpoint = tmp_path / "private-dir" / "finetuned.pt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"")
+    client = await app_client(make_settings(model={"weights": str(checkpoint)}))
+    index = await (await client.get("/")).json()
+    assert index["model"]["weights"] == "finetuned.pt"
+    text = await (await client.get("/metrics")).text()
+    assert "private-dir" not in text
+    info = [labels for (name, labels), _ in parse_metrics(text).items() if name == "model_info"]
+    assert dict(info[0])["weights"] == "finetuned.pt"
