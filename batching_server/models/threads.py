@@ -79,6 +79,10 @@ def _thread_id() -> int:
 def configure_worker_thread(*, torch_threads: int, niceness: int) -> None:
     """Run first in each worker thread, before it does any work."""
     # With OpenMP the thread count is per calling thread: set it in the thread that runs.
+    # torch sets a thread's count lazily, at its first parallel op, to the count whichever
+    # thread set one last (a model thread, or another pool's worker): get_num_threads()
+    # runs that lazy set-up now, so the count set next is the one this thread keeps.
+    torch.get_num_threads()
     torch.set_num_threads(torch_threads)
     if sys.platform != "linux" or not niceness:
         return

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,27 @@ async def test_model_threads_and_batcher_follow_the_plan(app_client: AppClient) 
         assert client.app[BATCHER].max_concurrent_batches == expected.concurrent_batches
     finally:
         classifier.close()
+
+
+def test_a_worker_threads_count_survives_another_thread_setting_its_own() -> None:
+    """torch sets a thread's OpenMP count lazily, at its first parallel op, from the count
+    some thread set last: a worker must not pick up another pool's count that way."""
+    configured, go = threading.Event(), threading.Event()
+
+    def worker() -> int:
+        configure_worker_thread(torch_threads=1, niceness=0)
+        configured.set()
+        assert go.wait(30)
+        torch.ones(512, 512).sum()  # a first parallel op in this thread
+        return torch.get_num_threads()
+
+    previous = torch.get_num_threads()
+    with ThreadPoolExecutor(1) as pool:
+        result = pool.submit(worker)
+        assert configured.wait(30)
+        torch.set_num_threads(3)  # as a model thread starting meanwhile would
+        go.set()
+        try:
+            assert result.result(timeout=30) == 1
+        finally:
+            torch.set_num_threads(previous)
