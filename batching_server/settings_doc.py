@@ -21,11 +21,14 @@ from .settings import CROSS_KEY_RULES, ENV_PREFIX, Settings
 
 __all__ = [
     "MARKDOWN_PATH",
+    "README_KEYS",
+    "README_PATH",
     "ROOT",
     "TOML_PATH",
     "env_var",
     "main",
     "render_markdown",
+    "render_readme_table",
     "render_toml",
     "rendered",
     "stale_files",
@@ -37,7 +40,27 @@ __all__ = [
 ROOT = Path(__file__).resolve().parent.parent
 MARKDOWN_PATH = Path("docs/settings.md")
 TOML_PATH = Path("settings.toml")
+README_PATH = Path("README.md")
 WIDTH = 100
+# The settings a new user reaches for first: README's short table shows these, between its
+# settings markers; docs/settings.md has the rest.
+README_KEYS = (
+    "server.host",
+    "server.port",
+    "model.weights",
+    "model.device",
+    "model.compile",
+    "batching.max_batch_size",
+    "batching.max_wait_ms",
+    "batching.max_queue_size",
+    "batching.request_timeout_s",
+    "limits.max_upload_bytes",
+    "auth.api_keys",
+    "metrics.port",
+    "tracing.exporter",
+)
+_README_START = "<!-- settings:start -->"
+_README_END = "<!-- settings:end -->"
 
 Sections = Mapping[str, type[Any]]
 
@@ -254,6 +277,37 @@ def render_toml(sections: Sections | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_readme_table(sections: Sections | None = None) -> str:
+    """README's short table of the most-used settings (``README_KEYS``)."""
+    sections = sections or _default_sections()
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for dotted in README_KEYS:
+        section, key = dotted.split(".")
+        field = next(f for f in dataclasses.fields(sections[section]) if f.name == key)
+        default = field.default if field.default is not dataclasses.MISSING else None
+        doc = _md_cell(_md_text(field.metadata["doc"]))
+        lines.append(f"| `{dotted}` | `{toml_value(default)}` | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
+def _with_readme_table(readme: str, table: str) -> str | None:
+    """``readme`` with its settings block replaced by ``table``; None without the markers."""
+    start, end = readme.find(_README_START), readme.find(_README_END)
+    if start < 0 or end < start:
+        return None
+    return readme[: start + len(_README_START)] + "\n" + table + readme[end:]
+
+
+def _readme_update(root: Path, sections: Sections | None) -> tuple[Path, str, str] | None:
+    """README's path, its text now, and its text with the table rendered (None: no block)."""
+    path = root / README_PATH
+    if not path.is_file():
+        return None
+    current = path.read_text(encoding="utf-8")
+    updated = _with_readme_table(current, render_readme_table(sections))
+    return None if updated is None else (path, current, updated)
+
+
 # Files
 
 
@@ -273,16 +327,27 @@ def write_files(root: Path = ROOT, sections: Sections | None = None) -> list[Pat
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         changed.append(relative)
+    readme = _readme_update(root, sections)
+    if readme is not None and readme[1] != readme[2]:
+        readme[0].write_text(readme[2], encoding="utf-8")
+        changed.append(README_PATH)
     return changed
 
 
 def stale_files(root: Path = ROOT, sections: Sections | None = None) -> list[Path]:
-    """The generated files under ``root`` that are missing or differ from their rendering."""
-    return [
+    """The generated files under ``root`` that are missing or differ from their rendering.
+
+    README counts when its settings block differs (a README without the block is left alone).
+    """
+    stale = [
         relative
         for relative, text in rendered(sections).items()
         if not (root / relative).is_file() or (root / relative).read_bytes() != text.encode("utf-8")
     ]
+    readme = _readme_update(root, sections)
+    if readme is not None and readme[1] != readme[2]:
+        stale.append(README_PATH)
+    return stale
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,14 +16,17 @@ import pytest
 from batching_server.settings import CROSS_KEY_RULES, BatchingSettings, Settings, load_settings
 from batching_server.settings_doc import (
     MARKDOWN_PATH,
+    README_PATH,
     ROOT,
     TOML_PATH,
     env_var,
     main,
     render_markdown,
+    render_readme_table,
     render_toml,
     stale_files,
     toml_value,
+    write_files,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -183,3 +186,39 @@ def test_command_line_check_exits_1_on_a_stale_file(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert done.stdout == ""
     assert str(TOML_PATH) in done.stderr
+
+
+# --- README's short table -------------------------------------------------------------------
+
+
+def test_readmes_settings_table_is_what_the_code_renders() -> None:
+    readme = (REPO / README_PATH).read_text(encoding="utf-8")
+    assert render_readme_table() in readme, "README's settings table is stale: run `make docs`"
+    assert README_PATH not in stale_files(REPO)
+
+
+def test_a_changed_default_makes_readmes_table_stale(tmp_path: Path) -> None:
+    write_files(tmp_path)
+    (tmp_path / README_PATH).write_text(
+        "# title\n\n<!-- settings:start -->\n<!-- settings:end -->\n\nmore\n", encoding="utf-8"
+    )
+    assert stale_files(tmp_path) == [README_PATH]
+    write_files(tmp_path)
+    assert stale_files(tmp_path) == []
+    text = (tmp_path / README_PATH).read_text(encoding="utf-8")
+    assert text.startswith("# title\n\n<!-- settings:start -->\n| key |")
+    assert text.endswith("<!-- settings:end -->\n\nmore\n")
+    changed = {
+        **SECTIONS,
+        "batching": with_changed_field(BatchingSettings, "max_batch_size", default=12),
+    }
+    assert "| `batching.max_batch_size` | `12` |" in render_readme_table(changed)
+    assert stale_files(tmp_path, changed) == [MARKDOWN_PATH, TOML_PATH, README_PATH]
+
+
+def test_a_readme_without_the_markers_is_left_alone(tmp_path: Path) -> None:
+    write_files(tmp_path)
+    (tmp_path / README_PATH).write_text("# no table here\n", encoding="utf-8")
+    assert stale_files(tmp_path) == []
+    write_files(tmp_path)
+    assert (tmp_path / README_PATH).read_text(encoding="utf-8") == "# no table here\n"
