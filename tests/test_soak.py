@@ -66,8 +66,11 @@ def test_a_minute_of_steady_load_has_no_errors_and_bounded_rss(tmp_path: Path) -
     assert summary["4xx"] == 0, summary["errors"]
     assert summary["client_errors"] == 0, summary["errors"]
     assert payload["rate"] > 0
-    # Every request sent was answered 200, and there were enough of them to mean something.
-    assert summary["2xx"] == summary["sent"] >= 200
+    # Every request sent was answered 200, and there were enough of them to mean something:
+    # about what the calibrated rate plans (a Poisson count; a slower machine plans fewer),
+    # and at least one a second.
+    assert summary["2xx"] == summary["sent"]
+    assert summary["sent"] >= max(DURATION_S, 0.8 * payload["rate"] * DURATION_S)
     assert len(windows) == DURATION_S // INTERVAL_S
     assert summary["post_warmup_windows"] == (DURATION_S - WARMUP_S) // INTERVAL_S
     assert all(window["sent"] > 0 for window in windows)
