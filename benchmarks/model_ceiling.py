@@ -121,7 +121,7 @@ def build_classifier(
 def fixed_batch(batch_size: int, seed: int = INPUT_SEED) -> torch.Tensor:
     """The same random (N, 3, 224, 224) batch on every run, like normalised pixels."""
     generator = torch.Generator().manual_seed(seed + batch_size)
-    size = RESNET50.input_size
+    size = RESNET50.input_size("random")
     return torch.randn(batch_size, 3, size, size, generator=generator)
 
 

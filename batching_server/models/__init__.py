@@ -5,7 +5,13 @@ from .loading import load_runner, resolve_device
 from .runner import ImageInput, ModelRunner, Ranked
 from .spec import ModelSpec
 from .threads import ThreadPlan, plan_threads
-from .torchvision_spec import RESNET50, TorchvisionClassifier
+from .torchvision_spec import (
+    RESNET50,
+    TorchvisionClassifier,
+    UnknownModelError,
+    classification_models,
+    torchvision_classifier,
+)
 
 __all__ = [
     "RESNET50",
@@ -16,7 +22,10 @@ __all__ = [
     "Ranked",
     "ThreadPlan",
     "TorchvisionClassifier",
+    "UnknownModelError",
+    "classification_models",
     "load_runner",
     "plan_threads",
     "resolve_device",
+    "torchvision_classifier",
 ]

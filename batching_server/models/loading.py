@@ -87,7 +87,7 @@ def load_runner(
         weights=settings.weights,
         forward_pass=forward_pass,
         threads=threads,
-        input_size=spec.input_size,
+        input_size=spec.input_size(settings.weights),
         niceness=niceness,
     )
     log.info(

@@ -28,8 +28,12 @@ class ModelSpec(Protocol):
         ...
 
     @property
-    def input_size(self) -> int:
-        """Height and width of the square image the model takes."""
+    def weight_names(self) -> tuple[str, ...]:
+        """The named weights ``model.weights`` may give, besides ``random`` and a file."""
+        ...
+
+    def input_size(self, weights: str) -> int:
+        """Height and width of the square image the model takes with ``weights``."""
         ...
 
     def build(self, weights: str, *, seed: int) -> nn.Module:

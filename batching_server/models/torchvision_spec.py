@@ -1,8 +1,14 @@
-"""torchvision classifiers as ``ModelSpec``s: building, weight loading, labels, transform."""
+"""torchvision's image classifiers as ``ModelSpec``s: building, weight loading, labels, transform.
+
+Every classification model of ``torchvision.models`` fits one shape (a builder, a weights enum
+whose members carry their categories and their own transform), so one class serves them all.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import difflib
+import functools
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -11,12 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision.models
 from torch import nn
-from torchvision.models import ResNet50_Weights, resnet50
 
 from ..core.errors import ModelLoadError
 
-__all__ = ["RESNET50", "TorchvisionClassifier"]
+__all__ = [
+    "RESNET50",
+    "TorchvisionClassifier",
+    "UnknownModelError",
+    "classification_models",
+    "torchvision_classifier",
+]
+
+
+class UnknownModelError(ValueError):
+    """The name is not one of torchvision's classification models; the message lists some."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -32,19 +48,30 @@ class TorchvisionClassifier:
     builder: Callable[..., nn.Module]
     weights_enum: type[Enum]
     # Whose transform and labels a 'random' or file-loaded network uses.
-    default_weights: str
-    input_size: int = 224
+    default_weights: str = "DEFAULT"
 
     @property
     def labels(self) -> tuple[str, ...]:
         """The class names; they ship inside torchvision, so they are there offline too."""
         return tuple(self._named(self.default_weights).meta["categories"])
 
+    @property
+    def weight_names(self) -> tuple[str, ...]:
+        """The names ``model.weights`` may give (``DEFAULT`` included)."""
+        return tuple(self.weights_enum.__members__)
+
     def transform(self, weights: str) -> nn.Module:
         """The named weights' own transform; the default weights' for 'random' and files."""
-        named = weights if weights in self.weights_enum.__members__ else self.default_weights
-        transform: nn.Module = self._named(named).transforms()
+        transform: nn.Module = self._named(self._transform_weights(weights)).transforms()
         return transform
+
+    def input_size(self, weights: str) -> int:
+        """The side of the square crop ``weights``' transform hands the network."""
+        crop: list[int] = self._named(self._transform_weights(weights)).transforms().crop_size
+        return crop[0]
+
+    def _transform_weights(self, weights: str) -> str:
+        return weights if weights in self.weights_enum.__members__ else self.default_weights
 
     def build(self, weights: str, *, seed: int) -> nn.Module:
         """The network with ``weights`` loaded; raises ``ModelLoadError`` with the fix."""
@@ -54,9 +81,8 @@ class TorchvisionClassifier:
                 torch.manual_seed(seed)
                 return self.builder(weights=None)
         if weights in self.weights_enum.__members__:
-            state_dict = self._download(weights)
-        else:
-            state_dict = _state_dict_from_file(Path(weights), self.name)
+            return self._pretrained(weights)
+        state_dict = _state_dict_from_file(Path(weights), self.name)
         module = self.builder(weights=None)
         try:
             module.load_state_dict(state_dict, strict=True)
@@ -71,14 +97,14 @@ class TorchvisionClassifier:
     def _named(self, weights: str) -> Any:
         return self.weights_enum[weights]
 
-    def _download(self, weights: str) -> Mapping[str, torch.Tensor]:
+    def _pretrained(self, weights: str) -> nn.Module:
         named = self._named(weights)
         try:
-            # torch.hub prints "Downloading: ..." to stdout, which must stay JSON lines only.
+            # The builder itself loads named weights (hash-checked), so whatever it adapts
+            # for them (class count, auxiliary heads, input transform) is set as torchvision
+            # means. torch.hub prints "Downloading: ..." to stdout, which must stay JSON lines.
             with contextlib.redirect_stdout(sys.stderr):
-                state_dict: Mapping[str, torch.Tensor] = named.get_state_dict(
-                    progress=False, check_hash=True
-                )
+                return self.builder(weights=named, progress=False)
         except Exception as exc:
             raise ModelLoadError(
                 f"could not obtain the {self.name} weights {weights} ({named.url}): {exc}. "
@@ -86,7 +112,6 @@ class TorchvisionClassifier:
                 f"{torch.hub.get_dir()}/checkpoints, or set model.weights to a local "
                 "state_dict file, or (for tests only: predictions are meaningless) to 'random'."
             ) from exc
-        return state_dict
 
 
 def _state_dict_from_file(path: Path, model_name: str) -> Mapping[str, torch.Tensor]:
@@ -109,9 +134,30 @@ def _state_dict_from_file(path: Path, model_name: str) -> Mapping[str, torch.Ten
     return {str(k).removeprefix("module."): v for k, v in loaded.items()}
 
 
-RESNET50 = TorchvisionClassifier(
-    name="resnet50",
-    builder=resnet50,
-    weights_enum=ResNet50_Weights,
-    default_weights="IMAGENET1K_V2",
-)
+@functools.cache
+def classification_models() -> tuple[str, ...]:
+    """The names of torchvision's image classification models, sorted."""
+    return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
+
+
+def torchvision_classifier(name: str) -> TorchvisionClassifier:
+    """The spec of torchvision's classification model ``name``.
+
+    Raises ``UnknownModelError`` naming the closest valid names for any other name.
+    """
+    models = classification_models()
+    if name not in models:
+        closest = difflib.get_close_matches(name, models, n=5, cutoff=0.3)
+        rest = [m for m in models if m not in closest]
+        raise UnknownModelError(
+            f"{name!r} is not one of torchvision's classification models; closest: "
+            f"{', '.join(closest) or 'none'}; the others: {', '.join(rest)}"
+        )
+    return TorchvisionClassifier(
+        name=name,
+        builder=torchvision.models.get_model_builder(name),
+        weights_enum=torchvision.models.get_model_weights(name),
+    )
+
+
+RESNET50 = torchvision_classifier("resnet50")
