@@ -16,6 +16,7 @@ __all__ = [
     "NotReadyError",
     "PayloadTooLargeError",
     "QueueFullError",
+    "RequestTimeoutError",
     "ServiceError",
     "UnauthorizedError",
     "UnsupportedMediaTypeError",
@@ -95,18 +96,35 @@ class NotReadyError(ServiceError):
 
     status = 503
     error_type = "not_ready"
+    # Loading and warming up take seconds, and a client that retries sooner only adds load
+    # to a server that cannot answer yet.
+    retry_after_s: float = 5.0
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
+        # Whole seconds, at least 1, as RFC 9110 defines Retry-After.
+        super().__init__(
+            message, headers={"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+        )
 
 
 class BatcherClosedError(NotReadyError):
     """The batcher no longer accepts work because the server is shutting down."""
 
     error_type = "shutting_down"
+    # This process has closed its listening socket and leaves the balancer's pool, so a
+    # prompt retry reaches another replica.
+    retry_after_s = 1.0
 
 
 class ModelStalledError(NotReadyError):
     """A forward pass hung: this process serves no more and exits to be restarted."""
 
     error_type = "model_stalled"
+    # The process exits now; its replacement needs a model load and a warm-up, so a
+    # retry to this address is worth waiting longer for than a plain not_ready.
+    retry_after_s = 10.0
 
 
 class DeadlineExceededError(ServiceError):
@@ -114,6 +132,13 @@ class DeadlineExceededError(ServiceError):
 
     status = 504
     error_type = "deadline_exceeded"
+
+
+class RequestTimeoutError(ServiceError):
+    """The client did not send its whole request body within the request's deadline."""
+
+    status = 408
+    error_type = "request_timeout"
 
 
 class InferenceError(ServiceError):

@@ -11,7 +11,13 @@ from typing import Any
 from aiohttp import web
 from opentelemetry import trace
 
-from ..core.errors import BadRequestError, DeadlineExceededError, NotReadyError, ServiceError
+from ..core.errors import (
+    BadRequestError,
+    DeadlineExceededError,
+    NotReadyError,
+    RequestTimeoutError,
+    ServiceError,
+)
 from ..models.runner import ImageInput, Ranked
 from .appkeys import (
     BATCHER,
@@ -62,13 +68,15 @@ def _top_k(request: web.Request, num_classes: int) -> int | None:
     return k
 
 
-async def _decode(request: web.Request, upload: Upload) -> Any:
+async def _decode(request: web.Request, upload: Upload, deadline: float) -> Any:
     app = request.app
     with app[TRACER].start_as_current_span(
         "image.preprocess",
         attributes={"image.index": upload.index, "image.bytes": len(upload.data)},
     ):
-        result, seconds = await app[DECODE_POOL].decode(upload.data)
+        result, seconds = await app[DECODE_POOL].decode(upload.data, deadline=deadline)
+        if isinstance(result, DeadlineExceededError):
+            raise result  # skipped, never decoded: nothing to time
         # Observed here, on the loop: aioprometheus is not thread-safe.
         app[METRICS].preprocess_duration.add({}, seconds)
         if isinstance(result, ServiceError):
@@ -76,29 +84,48 @@ async def _decode(request: web.Request, upload: Upload) -> Any:
     return result
 
 
-async def _read_and_decode(request: web.Request) -> list[Any]:
-    """Model inputs for every ``file`` part, in order; decoding starts as each part arrives."""
+async def _read_and_decode(request: web.Request, deadline: float) -> list[Any]:
+    """Model inputs for every ``file`` part, in order; decoding starts as each part arrives.
+
+    ``deadline`` (``time.monotonic()``) bounds both: a body still arriving then is a 408,
+    an image still waiting for or in its decode a 504.
+    """
     limits = request.app[SETTINGS].limits
     uploads: list[Upload] = []
     tasks: list[asyncio.Task[Any]] = []
     try:
-        async for upload in read_uploads(
-            request,
-            max_upload_bytes=limits.max_upload_bytes,
-            max_files=limits.max_files_per_request,
-        ):
-            uploads.append(upload)
-            request[IMAGE_COUNT] = len(uploads)
-            tasks.append(asyncio.create_task(_decode(request, upload)))
+        try:
+            # The whole body, not each read: a client that sends a byte now and then would
+            # otherwise hold its upload slot for as long as it likes.
+            async with asyncio.timeout(deadline - time.monotonic()):
+                async for upload in read_uploads(
+                    request,
+                    max_upload_bytes=limits.max_upload_bytes,
+                    max_files=limits.max_files_per_request,
+                ):
+                    uploads.append(upload)
+                    request[IMAGE_COUNT] = len(uploads)
+                    tasks.append(asyncio.create_task(_decode(request, upload, deadline)))
+        except TimeoutError:
+            raise RequestTimeoutError(
+                "the request deadline passed before the whole request body arrived "
+                "(batching.request_timeout_s, or a shorter X-Request-Timeout)"
+            ) from None
         pixels = []
-        for upload, task in zip(uploads, tasks, strict=True):
-            try:
-                pixels.append(await task)
-            except ServiceError as exc:
-                if len(uploads) > 1:
-                    name = f" ({upload.filename})" if upload.filename else ""
-                    exc.message = f"file {upload.index + 1}{name}: {exc.message}"
-                raise
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                for upload, task in zip(uploads, tasks, strict=True):
+                    try:
+                        pixels.append(await task)
+                    except ServiceError as exc:
+                        if len(uploads) > 1:
+                            name = f" ({upload.filename})" if upload.filename else ""
+                            exc.message = f"file {upload.index + 1}{name}: {exc.message}"
+                        raise
+        except TimeoutError:
+            raise DeadlineExceededError(
+                "the request deadline passed before its images were decoded"
+            ) from None
         return pixels
     finally:
         # A bad part or a gone client: decodes not yet started need not run.
@@ -152,7 +179,7 @@ async def predict(request: web.Request) -> web.Response:
     # Until its images are queued, this request may still join a partial batch.
     with batcher.expecting():
         async with _upload_slot(request, timeout_s):
-            pixels = await _read_and_decode(request)
+            pixels = await _read_and_decode(request, started + timeout_s)
     remaining = timeout_s - (time.monotonic() - started)
     if remaining <= 0:
         raise DeadlineExceededError(

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ..core.errors import ServiceError
+from ..core.errors import DeadlineExceededError, ServiceError
 from .preprocessor import Preprocessor
 
 __all__ = ["DecodePool", "Decoded"]
@@ -34,12 +34,20 @@ class DecodePool:
             max_workers=threads, thread_name_prefix="preprocess", initializer=initializer
         )
 
-    async def decode(self, data: bytes) -> Decoded:
-        """Preprocess ``data`` in a decode thread; a rejected image's error is returned."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._timed, data)
+    async def decode(self, data: bytes, *, deadline: float | None = None) -> Decoded:
+        """Preprocess ``data`` in a decode thread; a rejected image's error is returned.
 
-    def _timed(self, data: bytes) -> Decoded:
+        Past ``deadline`` (``time.monotonic()``) when a thread takes it up, ``data`` is not
+        decoded: a ``DeadlineExceededError`` is returned.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._timed, data, deadline)
+
+    def _timed(self, data: bytes, deadline: float | None = None) -> Decoded:
+        # Checked here, in the thread: an image that waited in the queue past its request's
+        # deadline is decoded for nobody, even when the loop is too busy to cancel it.
+        if deadline is not None and time.monotonic() >= deadline:
+            return DeadlineExceededError("the request deadline passed before decoding"), 0.0
         # Rejected images are timed too: junk costs decode time as well.
         started = time.perf_counter()
         try:

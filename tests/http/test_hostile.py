@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from aiohttp import FormData, streams
 
+from batching_server.core.errors import DeadlineExceededError
+from batching_server.http.appkeys import DECODE_POOL, UPLOAD_SLOTS
 from batching_server.http.uploads import MAX_OTHER_PARTS
+from batching_server.preprocess.pool import DecodePool
 from tests.conftest import AppClient
 from tests.http.rawhttp import WAIT_S, RawConnection, exchange, request_head
 from tests.images import photo_bytes
@@ -179,6 +184,118 @@ async def test_a_compressed_body_is_refused_even_when_small(app_client: AppClien
     )
     response = await exchange(client.server.port, head + body)
     assert_json_error(response, 415, "unsupported_media_type")
+
+
+# --- deadlines -------------------------------------------------------------------------------
+
+
+async def test_a_body_too_slow_to_arrive_is_408_and_frees_its_slot(app_client: AppClient) -> None:
+    # One upload slot: the trickling client holds it until its deadline, then the other
+    # request, waiting for the slot, is served.
+    client = await app_client(limits={"max_concurrent_uploads": 1})
+    body = file_part() + CLOSING
+    head = request_head(
+        "POST",
+        "/predict",
+        [MULTIPART, ("Content-Length", str(len(body))), ("X-Request-Timeout", "0.5")],
+    )
+    connection = await RawConnection.open(client.server.port)
+    response_task = asyncio.create_task(connection.read_response())
+    form = FormData()
+    form.add_field("file", JPEG, filename="x.jpg", content_type="image/jpeg")
+    other: asyncio.Task[Any] | None = None
+    try:
+        assert await connection.send(head + body[:100])
+        # A byte now and then: each read succeeds, so only a deadline on the whole body ends
+        # it. The pace is the client's; nothing below asserts on time. Bounded: the body is
+        # never finished, and the loop ends by count if no answer comes.
+        for i, byte in enumerate(body[100:1000]):
+            if response_task.done() or not await connection.send(bytes([byte])):
+                break
+            if i == 0:
+                for _ in range(500):  # bounded: until the trickling request holds the slot
+                    if client.app[UPLOAD_SLOTS].locked():
+                        break
+                    await asyncio.sleep(0.01)
+                assert client.app[UPLOAD_SLOTS].locked()
+                other = asyncio.create_task(client.post("/predict", data=form))
+            await asyncio.sleep(0.02)
+        response = await asyncio.wait_for(response_task, WAIT_S)
+        error = assert_json_error(response, 408, "request_timeout")
+        assert "request_timeout_s" in error["error"]["message"]
+        assert other is not None
+        served = await asyncio.wait_for(other, WAIT_S)
+        assert served.status == 200, await served.text()
+    finally:
+        response_task.cancel()
+        if other is not None:
+            other.cancel()
+        connection.close()
+
+
+class GatedPreprocessor:
+    """Wraps the real preprocessor: records each call, and holds the first on ``gate``."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.gate = threading.Event()
+        self.holding = threading.Event()
+        self.calls = 0
+
+    def __call__(self, data: bytes) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            self.holding.set()
+            self.gate.wait(WAIT_S)  # bounded, should the test fail before opening it
+        return self.real(data)
+
+
+async def test_an_image_past_its_deadline_in_the_decode_queue_is_504_and_never_decoded(
+    app_client: AppClient,
+) -> None:
+    client = await app_client(preprocess={"threads": 1})
+    pool = client.app[DECODE_POOL]
+    gated = GatedPreprocessor(pool.preprocessor)
+    pool.preprocessor = gated  # type: ignore[assignment]  # called as the real one is
+    form = FormData()
+    form.add_field("file", JPEG, filename="x.jpg", content_type="image/jpeg")
+    first = asyncio.create_task(client.post("/predict", data=form))
+    try:
+        assert await asyncio.to_thread(gated.holding.wait, WAIT_S)  # the one thread is held
+        # This one's image waits behind it in the pool's queue until its deadline passes.
+        late = await asyncio.wait_for(
+            client.post("/predict", data=form, headers={"X-Request-Timeout": "0.2"}), WAIT_S
+        )
+        assert late.status == 504, await late.text()
+        assert (await late.json())["error"]["type"] == "deadline_exceeded"
+        assert not first.done()
+    finally:
+        gated.gate.set()
+    assert (await asyncio.wait_for(first, WAIT_S)).status == 200
+    # One thread takes the queue in order: had the late image stayed queued, it would have
+    # been decoded before this one.
+    assert (await client.post("/predict", data=form)).status == 200
+    assert gated.calls == 2
+
+
+async def test_the_decode_pool_skips_an_image_whose_deadline_has_passed() -> None:
+    calls: list[bytes] = []
+
+    def preprocessor(data: bytes) -> Any:
+        calls.append(data)
+        return data
+
+    pool = DecodePool(preprocessor=preprocessor, threads=1)  # type: ignore[arg-type]
+    try:
+        result, seconds = await pool.decode(b"late", deadline=time.monotonic())
+        assert isinstance(result, DeadlineExceededError)
+        assert seconds == 0.0
+        assert calls == []
+        result, _ = await pool.decode(b"in time", deadline=time.monotonic() + WAIT_S)
+        assert calls == [b"in time"]
+        assert result is not None  # the preprocessor's own return, here the bytes
+    finally:
+        pool.close()
 
 
 # --- client input that used to be a 500 ------------------------------------------------------
