@@ -27,7 +27,9 @@ def bearer_auth_middleware(api_keys: Iterable[str]) -> Middleware:
         route = route_of(request)
         if route is None or not route.public:
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            presented = token.strip().encode()
+            # aiohttp keeps header bytes that are not UTF-8 as surrogates: encoding them back
+            # gives the bytes sent, which match no key, instead of an error (a 500).
+            presented = token.strip().encode("utf-8", "surrogateescape")
             # Compare against every key, each in constant time, so neither the match nor
             # its position leaks through timing.
             matches = [hmac.compare_digest(presented, key) for key in keys]

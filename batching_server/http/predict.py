@@ -53,7 +53,7 @@ def _timeout_s(request: web.Request, configured: float) -> float:
         asked = float("nan")
     if not 0 < asked < float("inf"):
         raise BadRequestError(
-            f"{DEADLINE_HEADER} must be a positive number of seconds, got {raw!r}"
+            f"{DEADLINE_HEADER} must be a positive number of seconds, got {_shown(raw)}"
         )
     return min(asked, configured)
 
@@ -62,10 +62,20 @@ def _top_k(request: web.Request, num_classes: int) -> int | None:
     raw = request.query.get("top_k")
     if raw is None:
         return None
-    k = int(raw) if raw.isdigit() else 0
+    # ASCII digits only (str.isdigit() also accepts '²', which int() refuses), and no more of
+    # them than the class count has: int() refuses thousands of digits, and costs time on them.
+    plain = raw.isascii() and raw.isdigit() and len(raw) <= len(str(num_classes))
+    k = int(raw) if plain else 0
     if not 1 <= k <= num_classes:
-        raise BadRequestError(f"top_k must be an integer from 1 to {num_classes}, got {raw!r}")
+        raise BadRequestError(
+            f"top_k must be an integer from 1 to {num_classes}, got {_shown(raw)}"
+        )
     return k
+
+
+def _shown(raw: str) -> str:
+    """``raw`` quoted for an error message, cut short: the client sent it, it can be long."""
+    return repr(raw) if len(raw) <= 40 else f"{raw[:40]!r}... ({len(raw)} characters)"
 
 
 async def _decode(request: web.Request, upload: Upload, deadline: float) -> Any:

@@ -32,5 +32,8 @@ def error_response(
     headers: Mapping[str, str] | None = None,
 ) -> web.Response:
     """``{"error": {"type", "message"}, "request_id"}`` with ``status``."""
+    # A message may quote the client's own bytes (a filename), which aiohttp keeps as
+    # surrogates when they are not UTF-8; orjson refuses those, so they are spelled out.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     body = {"error": {"type": error_type, "message": message}, "request_id": request_id}
     return json_response(body, status=status, headers=headers)

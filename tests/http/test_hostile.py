@@ -11,6 +11,7 @@ import asyncio
 import gzip
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -301,6 +302,26 @@ async def test_the_decode_pool_skips_an_image_whose_deadline_has_passed() -> Non
 # --- client input that used to be a 500 ------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "top_k",
+    [
+        pytest.param("\u00b2", id="superscript-two"),  # str.isdigit() is true; int() refuses
+        pytest.param("\u0663", id="arabic-indic-three"),  # int() reads it; ASCII only
+        pytest.param("1" * 5_000, id="5000-digits"),  # over int()'s digit limit
+        pytest.param("0" * 20 + "1", id="leading-zeros"),
+    ],
+)
+async def test_odd_top_k_is_400(app_client: AppClient, top_k: str) -> None:
+    client = await app_client()
+    target = f"/predict?top_k={urllib.parse.quote(top_k)}"
+    response = await exchange(
+        client.server.port, request_head("POST", target, [MULTIPART, ("Content-Length", "0")])
+    )
+    body = assert_json_error(response, 400, "bad_request")
+    assert body["error"]["message"].startswith("top_k must be an integer")
+    assert len(body["error"]["message"]) < 200  # the value is quoted, cut short
+
+
 async def test_a_long_charset_part_is_400(app_client: AppClient) -> None:
     # aiohttp raises a bare RuntimeError for a first part named _charset_ of 32+ bytes.
     # (A boundary shorter than aiohttp's own: with a long one, it trips an assertion first.)
@@ -310,3 +331,28 @@ async def test_a_long_charset_part_is_400(app_client: AppClient) -> None:
     response = await client.post("/predict", data=body, headers=dict([MULTIPART]))
     assert response.status == 400, await response.text()
     assert (await response.json())["error"]["type"] == "bad_request"
+
+
+@pytest.mark.parametrize("token", [b"\xff", b"\xc3\x28", b"k" * 20 + b"\xff"])
+async def test_a_bearer_token_that_is_not_utf8_is_401(app_client: AppClient, token: bytes) -> None:
+    client = await app_client(auth={"api_keys": ["k" * 20]})
+    for target in ("/predict", "/", "/nowhere"):
+        response = await exchange(
+            client.server.port,
+            request_head("GET", target, [("Authorization", b"Bearer " + token)]),
+        )
+        assert_json_error(response, 401, "unauthorized")
+
+
+async def test_a_bad_part_named_by_bytes_that_are_not_utf8_is_400(app_client: AppClient) -> None:
+    # The error names the part by its filename, which the JSON encoder used to refuse.
+    client = await app_client()
+    bad = (
+        b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="file"; '
+        b'filename="\xff\xfe.jpg"\r\n\r\nnot an image\r\n'
+    )
+    body = file_part() + bad + CLOSING
+    head = request_head("POST", "/predict", [MULTIPART, ("Content-Length", str(len(body)))])
+    response = await exchange(client.server.port, head + body)
+    error = assert_json_error(response, 400, "invalid_image")
+    assert error["error"]["message"].startswith("file 2 (\\udcff\\udcfe.jpg): ")
