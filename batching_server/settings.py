@@ -32,6 +32,7 @@ __all__ = [
     "TracingSettings",
     "load_settings",
     "settings_from_mapping",
+    "settings_warnings",
 ]
 
 ENV_PREFIX = "BATCHING_SERVER"
@@ -237,7 +238,32 @@ class ServerSettings:
         _number(0, 3600),
         "Seconds to finish accepted requests after SIGTERM or SIGINT",
         """First `/ready` turns 503 and the listening socket closes; accepted requests then have
-        this long to finish, queued images are drained, and the process exits 0.""",
+        this long to finish and queued images to be served, and the process exits 0. Images still
+        queued or in a forward pass when it runs out fail with 503 `shutting_down`, and the
+        process exits 6. A forward pass that hangs during the drain is a stall
+        (`model.stall_timeout_s`, exit 4). A second SIGTERM or SIGINT stops the process at once:
+        callers waiting for the model get 503 `shutting_down`, and the exit status is 128 + the
+        signal's number (143 or 130).
+
+        Keep it at least `batching.request_timeout_s`, and below the time your orchestrator waits
+        before it sends SIGKILL (Kubernetes: `terminationGracePeriodSeconds`, less any `preStop`
+        sleep).""",
+    )
+    keepalive_timeout_s: float = _setting(
+        75.0,
+        _number(1, 3600),
+        "Seconds an idle connection stays open, and the longest a client may take to send a "
+        "request's headers",
+        """Keep it above the idle timeout of the load balancer or proxy in front (60 s on many, such
+        as AWS's ALB and nginx's `keepalive_timeout` for upstreams; check yours): the side that
+        closes an idle connection first can race a request the other side is sending on it, which
+        the client sees as a 502. 75 s is what aiohttp's own `run_app` uses; a hand-built runner
+        would keep connections for about an hour.
+
+        aiohttp has no separate timeout for reading headers: this one runs from the connection's
+        start (or the previous response) until a request's headers have arrived, and sending
+        bytes does not extend it, so it also closes a client that sends its headers too slowly. It
+        does not bound the body: once the headers are in, the request belongs to its handler.""",
     )
     low_priority_workers: bool = _setting(
         True,
@@ -263,7 +289,7 @@ class BatchingSettings:
         "Images in one forward pass at most",
         """With `model.warmup`, every batch shape a request can reach runs once before the server
         reports ready: every size from 1 to this, or the entries of `batching.batch_sizes` that
-        cover them.""",
+        cover them. Above 32, `batching.batch_sizes` is required with `model.warmup`.""",
     )
     max_wait_ms: float = _setting(
         10.0,
@@ -271,7 +297,7 @@ class BatchingSettings:
         "Longest the oldest queued image waits for a fuller batch, in milliseconds",
         """0 dispatches whatever is queued as soon as the model is free. A longer wait fills bigger
         batches under light load at the cost of latency; `batching.dispatch_when_idle` skips the
-        wait when nothing could join the batch.""",
+        wait when nothing could join the batch. It must stay below `batching.request_timeout_s`.""",
     )
     max_queue_size: int = _setting(
         64,
@@ -403,6 +429,19 @@ class LimitsSettings:
         "Width x height at most, checked before decoding; over it, 413",
         """The size is read from the image header before any pixel is decoded, so a decompression
         bomb costs nothing.""",
+    )
+    max_decode_pixels_in_flight: int = _setting(
+        100_000_000,
+        _integer(1, 10_000_000_000),
+        "Pixels decoded at once, summed over the decode threads",
+        """A decode takes its image's pixel count (from the header, after any JPEG draft) before
+        decoding and gives it back once the tensor is made; others wait their turn. Decoding peaks
+        at 8 bytes per pixel (a decoded pixel is at most 4 bytes, and each conversion holds the
+        source and one full-size result), so decode memory stays under 8 times this many bytes
+        whatever the number of threads: 800 MB by default, which, with upload memory
+        (`max_concurrent_uploads` x `max_upload_bytes`, 320 MiB) and the model, fits the 3Gi pod
+        of deploy/k8s. The default admits two images at `max_image_pixels`; an image over this
+        many pixels still decodes, alone.""",
     )
     max_files_per_request: int = _setting(
         16, _integer(1, 1024), "File parts in one request at most; over it, 400"
@@ -571,11 +610,20 @@ _SECTIONS: dict[str, type[Any]] = {
 
 @dataclass(frozen=True, slots=True)
 class CrossKeyRule:
-    """A rule between keys: the keys, the rule in words, and the problem when it is broken."""
+    """A rule between keys: the keys, the rule in words, and the problem when it is broken.
+
+    A ``warning`` rule does not refuse the settings: its problem is logged at start-up.
+    """
 
     keys: frozenset[str]
     rule: str
     problem: Callable[[Settings], str | None]
+    warning: bool = False
+
+
+# Without batching.batch_sizes, warm-up runs one pass of every size up to max_batch_size,
+# N(N+1)/2 images in all: 528 at 32, 32,896 at 256, which would outlast any start-up probe.
+MAX_BATCH_SIZE_WITHOUT_BATCH_SIZES = 32
 
 
 def _queue_holds_a_batch(settings: Settings) -> str | None:
@@ -604,6 +652,45 @@ def _metrics_port_is_its_own(settings: Settings) -> str | None:
     return (
         f"metrics.port ({settings.metrics.port}) must differ from server.port, or "
         "be 0 to serve /metrics on the API port"
+    )
+
+
+def _warmup_has_few_shapes(settings: Settings) -> str | None:
+    batching = settings.batching
+    size = batching.max_batch_size
+    if batching.batch_sizes or not settings.model.warmup:
+        return None
+    if size <= MAX_BATCH_SIZE_WITHOUT_BATCH_SIZES:
+        return None
+    powers = [2**i for i in range(size.bit_length()) if 2**i < size] + [size]
+    return (
+        f"batching.max_batch_size ({size}) above {MAX_BATCH_SIZE_WITHOUT_BATCH_SIZES} needs "
+        f"batching.batch_sizes with model.warmup: warm-up would run every size from 1 to "
+        f"{size} ({size * (size + 1) // 2} images) before the server is ready; set "
+        f"batching.batch_sizes, such as {powers}, or lower batching.max_batch_size"
+    )
+
+
+def _wait_fits_the_deadline(settings: Settings) -> str | None:
+    batching = settings.batching
+    if batching.max_wait_ms < batching.request_timeout_s * 1000:
+        return None
+    return (
+        f"batching.max_wait_ms ({batching.max_wait_ms:g}) must be below "
+        f"batching.request_timeout_s ({batching.request_timeout_s:g} s), or an image "
+        "waiting for a fuller batch would pass its deadline before it is dispatched"
+    )
+
+
+def _drain_covers_a_request(settings: Settings) -> str | None:
+    drain_s = settings.server.graceful_shutdown_timeout_s
+    request_s = settings.batching.request_timeout_s
+    if drain_s >= request_s:
+        return None
+    return (
+        f"server.graceful_shutdown_timeout_s ({drain_s:g}) is below "
+        f"batching.request_timeout_s ({request_s:g}): on shutdown, requests that would "
+        "have finished within their deadline may fail with 503 shutting_down"
     )
 
 
@@ -643,6 +730,29 @@ CROSS_KEY_RULES = (
         "request with that many files could never be admitted.",
         _request_fits_the_queue,
     ),
+    CrossKeyRule(
+        frozenset({"batching.max_batch_size", "batching.batch_sizes", "model.warmup"}),
+        f"With `model.warmup`, `batching.max_batch_size` above "
+        f"{MAX_BATCH_SIZE_WITHOUT_BATCH_SIZES} needs `batching.batch_sizes`: warm-up would "
+        "otherwise run every size from 1 up, N(N+1)/2 images (32,896 at 256), and outlast any "
+        "start-up probe.",
+        _warmup_has_few_shapes,
+    ),
+    CrossKeyRule(
+        frozenset({"batching.max_wait_ms", "batching.request_timeout_s"}),
+        "`batching.max_wait_ms` must be below `batching.request_timeout_s`, or an image "
+        "waiting for a fuller batch would pass its deadline before it is dispatched.",
+        _wait_fits_the_deadline,
+    ),
+    CrossKeyRule(
+        frozenset({"server.graceful_shutdown_timeout_s", "batching.request_timeout_s"}),
+        "A warning, not an error: `server.graceful_shutdown_timeout_s` below "
+        "`batching.request_timeout_s` cuts off, on shutdown, requests that would have "
+        "finished within their deadline (they get 503 `shutting_down`). A short drain can be "
+        "the right trade, where restarts must be quick and clients retry.",
+        _drain_covers_a_request,
+        warning=True,
+    ),
 )
 
 
@@ -651,7 +761,16 @@ def _cross_checks(settings: Settings) -> list[tuple[set[str], str]]:
     return [
         (set(rule.keys), message)
         for rule in CROSS_KEY_RULES
-        if (message := rule.problem(settings)) is not None
+        if not rule.warning and (message := rule.problem(settings)) is not None
+    ]
+
+
+def settings_warnings(settings: Settings) -> list[str]:
+    """Choices between keys that are allowed but likely unintended, to log at start-up."""
+    return [
+        message
+        for rule in CROSS_KEY_RULES
+        if rule.warning and (message := rule.problem(settings)) is not None
     ]
 
 

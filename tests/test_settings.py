@@ -15,6 +15,7 @@ from batching_server.settings import (
     SettingsError,
     load_settings,
     settings_from_mapping,
+    settings_warnings,
 )
 
 REPO_SETTINGS = Path(__file__).resolve().parent.parent / "settings.toml"
@@ -204,12 +205,66 @@ def test_section_that_is_not_a_table() -> None:
             "metrics.port (9000) must differ from server.port",
             id="metrics-on-the-api-port",
         ),
+        pytest.param(
+            {"batching": {"max_batch_size": 256, "max_queue_size": 256}},
+            "batching.max_batch_size (256) above 32 needs batching.batch_sizes with "
+            "model.warmup: warm-up would run every size from 1 to 256 (32896 images) before "
+            "the server is ready; set batching.batch_sizes, such as "
+            "[1, 2, 4, 8, 16, 32, 64, 128, 256], or lower batching.max_batch_size",
+            id="warmup-of-256-shapes",
+        ),
+        pytest.param(
+            {"batching": {"max_wait_ms": 2000, "request_timeout_s": 2}},
+            "batching.max_wait_ms (2000) must be below batching.request_timeout_s (2 s)",
+            id="wait-past-the-deadline",
+        ),
     ],
 )
 def test_cross_field_checks(raw: dict[str, Any], message: str) -> None:
     problems = problems_of(raw)
     assert len(problems) == 1
     assert problems[0].startswith(message)
+
+
+@pytest.mark.parametrize(
+    "batching",
+    [
+        pytest.param({"max_batch_size": 32}, id="32-shapes-are-fine"),
+        pytest.param(
+            {"max_batch_size": 256, "max_queue_size": 256, "batch_sizes": [8, 64, 256]},
+            id="few-shapes",
+        ),
+    ],
+)
+def test_large_batches_need_few_shapes_only_with_warmup(batching: dict[str, Any]) -> None:
+    assert settings_from_mapping({"batching": batching}).batching.batch_sizes == tuple(
+        batching.get("batch_sizes", ())
+    )
+    unwarmed = {"batching": {"max_batch_size": 256, "max_queue_size": 256}}
+    settings = settings_from_mapping(unwarmed | {"model": {"warmup": False}})
+    assert settings.batching.max_batch_size == 256
+
+
+def test_a_drain_shorter_than_a_request_is_a_warning_not_an_error() -> None:
+    assert settings_warnings(Settings()) == []  # 30 s each by default
+    settings = settings_from_mapping(
+        {"server": {"graceful_shutdown_timeout_s": 10}, "batching": {"request_timeout_s": 30}}
+    )
+    assert settings_warnings(settings) == [
+        "server.graceful_shutdown_timeout_s (10) is below batching.request_timeout_s (30): "
+        "on shutdown, requests that would have finished within their deadline may fail with "
+        "503 shutting_down"
+    ]
+
+
+def test_keepalive_timeout_is_below_an_hour_by_default_and_settable() -> None:
+    # aiohttp's hand-built runner would keep an idle connection about an hour.
+    assert Settings().server.keepalive_timeout_s == 75.0
+    settings = settings_from_mapping({"server": {"keepalive_timeout_s": 650}})
+    assert settings.server.keepalive_timeout_s == 650.0
+    assert problems_of({"server": {"keepalive_timeout_s": 0}}) == [
+        "server.keepalive_timeout_s must be a number from 1 to 3600, got 0"
+    ]
 
 
 def test_cross_field_bounds_are_inclusive() -> None:
@@ -297,7 +352,7 @@ def test_replace_changes_only_the_given_keys() -> None:
         pytest.param({"server": {"port": 70000}}, "server.port", id="bad-value"),
         pytest.param({"server": {"prot": 1}}, "unknown setting server.prot", id="unknown-key"),
         pytest.param(
-            {"batching": {"max_batch_size": 100}},
+            {"batching": {"max_batch_size": 100, "batch_sizes": [100]}},
             "batching.max_queue_size (64) must be at least batching.max_batch_size (100)",
             id="cross-field",
         ),
