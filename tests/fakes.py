@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch.overrides import TorchFunctionMode
@@ -11,10 +12,12 @@ from torch.overrides import TorchFunctionMode
 from batching_server.core.batcher import BatchInfo
 
 __all__ = [
+    "CountingDeque",
     "FailingModel",
     "FakeClock",
     "GatedModel",
     "MiscountingModel",
+    "RaisingObserver",
     "RecordingModel",
     "RecordingObserver",
     "SpyRunner",
@@ -97,14 +100,64 @@ class RecordingObserver:
         self.drops[reason] = self.drops.get(reason, 0) + count
 
 
+class RaisingObserver(RecordingObserver):
+    """Records like RecordingObserver, then raises from the events named in ``raising``."""
+
+    def __init__(self, *raising: str) -> None:
+        super().__init__()
+        self.raising = set(raising)
+
+    def _maybe_raise(self, event: str) -> None:
+        if event in self.raising:
+            raise RuntimeError(f"observer bug in {event}")
+
+    def on_queue_size(self, size: int) -> None:
+        super().on_queue_size(size)
+        self._maybe_raise("on_queue_size")
+
+    def on_dispatch(self, info: BatchInfo) -> None:
+        super().on_dispatch(info)
+        self._maybe_raise("on_dispatch")
+
+    def on_batch_done(
+        self, info: BatchInfo, duration_s: float, error: BaseException | None
+    ) -> None:
+        super().on_batch_done(info, duration_s, error)
+        self._maybe_raise("on_batch_done")
+
+    def on_drop(self, reason: str, count: int) -> None:
+        super().on_drop(reason, count)
+        self._maybe_raise("on_drop")
+
+
 class FakeClock:
-    """A clock that moves only when the test says so."""
+    """A clock that moves only when the test says so, and raises ``error`` once it is set."""
 
     def __init__(self, now: float = 0.0) -> None:
         self.now = now
+        self.error: BaseException | None = None
 
     def __call__(self) -> float:
+        if self.error is not None:
+            raise self.error
         return self.now
+
+
+class CountingDeque(deque[Any]):
+    """A deque that counts the entries every iteration over it visits (work, not time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.visited = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for entry in super().__iter__():
+            self.visited += 1
+            yield entry
+
+    def remove(self, value: Any) -> None:
+        self.visited += self.index(value) + 1  # a search from the left, in C
+        super().remove(value)
 
 
 class SpyRunner:

@@ -434,3 +434,153 @@ def test_metrics_port_serves_metrics_apart_from_the_api(tmp_path: Path) -> None:
         assert server.process.wait(timeout=TIMEOUT_S) == 0
     finally:
         server.close()
+
+
+@pytest.mark.slow
+def test_an_address_that_cannot_be_bound_exits_2_naming_it_and_the_fix(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(
+            tmp_path,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            MODEL__WEIGHTS="random",
+            MODEL__WARMUP="false",
+        )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    events = json_lines(result.stdout)
+    failed = next(e for e in events if e["event"] == "cannot_listen")
+    assert failed["level"] == "error"
+    assert failed["error"].startswith(f"cannot listen on 127.0.0.1:{port} (")
+    assert "set server.port to a free port" in failed["error"]
+    assert events[-1]["event"] == "stopped"
+    assert events[-1]["exit_code"] == 2
+
+
+@pytest.mark.slow
+def test_hung_warmup_pass_exits_4(tmp_path: Path) -> None:
+    server = serve_random(
+        tmp_path,
+        program=("-c", HANGING_SERVER),
+        MODEL__WARMUP="true",
+        MODEL__STALL_TIMEOUT_S="1",
+        BATCHING__MAX_BATCH_SIZE="2",
+    )
+    try:
+        _, lines = server.wait_for("listening")
+        # Without the watchdog on warm-up passes it would stay unready forever.
+        assert server.process.wait(timeout=TIMEOUT_S) == 4
+        lines += server.rest()
+    finally:
+        server.close()
+    events = json_lines("".join(lines))
+    names = [event["event"] for event in events]
+    assert "ready" not in names
+    failed = next(e for e in events if e["event"] == "failed")
+    assert failed["exit_code"] == 4
+    # Counted as busy, the hung warm-up pass is abandoned, not waited for.
+    assert "model_threads_abandoned" in names
+    assert names[-1] == "stopped"
+
+
+def wait_in_flight(base: str, requests: int) -> None:
+    """Poll (bounded) until ``requests`` are inside the server, besides the scrape itself."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while in_flight(base) < requests + 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert in_flight(base) >= requests + 1
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_hung_pass_exits_4_once_the_watchdog_sees_it(tmp_path: Path) -> None:
+    server = serve_random(
+        tmp_path,
+        program=("-c", HANGING_SERVER),
+        MODEL__WARMUP="false",
+        MODEL__STALL_TIMEOUT_S="5",  # long enough that SIGTERM comes first
+        SERVER__GRACEFUL_SHUTDOWN_TIMEOUT_S="60",
+        BATCHING__REQUEST_TIMEOUT_S="60",
+    )
+    try:
+        listening, lines = server.wait_for("listening")
+        base = f"http://127.0.0.1:{listening['port']}"
+        wait_until_ready(base)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(
+                post_expecting_error, base, *multipart(photo_bytes("chelsea.png"))
+            )
+            wait_in_flight(base, 1)
+            server.process.send_signal(signal.SIGTERM)
+            status, body = pending.result(timeout=TIMEOUT_S)
+        assert status == 503
+        assert body["error"]["type"] == "model_stalled"
+        # The drain is watched: not exit 0, and not a hang on the stuck thread.
+        assert server.process.wait(timeout=TIMEOUT_S) == 4
+        lines += server.rest()
+    finally:
+        server.close()
+    names = [event["event"] for event in json_lines("".join(lines))]
+    assert names.index("shutting_down") < names.index("model_stalled")
+    assert names[-1] == "stopped"
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_answers_the_waiting_and_exits_143(tmp_path: Path) -> None:
+    server = serve_random(
+        tmp_path,
+        program=("-c", HANGING_SERVER),
+        MODEL__WARMUP="false",
+        MODEL__STALL_TIMEOUT_S="0",  # no watchdog: only the second signal can end the drain
+        SERVER__GRACEFUL_SHUTDOWN_TIMEOUT_S="600",
+        BATCHING__REQUEST_TIMEOUT_S="600",
+    )
+    try:
+        listening, lines = server.wait_for("listening")
+        base = f"http://127.0.0.1:{listening['port']}"
+        wait_until_ready(base)
+        body, content_type = multipart(photo_bytes("chelsea.png"))
+        request = urllib.request.Request(
+            f"{base}/predict", data=body, headers={"Content-Type": content_type}, method="POST"
+        )
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(urllib.request.urlopen, request, timeout=TIMEOUT_S)
+            wait_in_flight(base, 1)
+            server.process.send_signal(signal.SIGTERM)
+            _, more = server.wait_for("shutting_down")
+            lines += more
+            server.process.send_signal(signal.SIGTERM)
+            with pytest.raises(urllib.error.HTTPError) as answered:
+                pending.result(timeout=TIMEOUT_S)
+        with answered.value as error:
+            assert error.code == 503
+            assert error.headers["Retry-After"] == "1"
+            assert json.load(error)["error"]["type"] == "shutting_down"
+        assert server.process.wait(timeout=TIMEOUT_S) == 143  # 128 + SIGTERM
+        lines += server.rest()
+    finally:
+        server.close()
+    events = json_lines("".join(lines))
+    forced = next(e for e in events if e["event"] == "forced_shutdown")
+    assert (forced["signal"], forced["exit_code"]) == ("SIGTERM", 143)
+    assert events[-1]["event"] == "stopped"
+    assert events[-1]["exit_code"] == 143
+
+
+@pytest.mark.slow
+def test_keepalive_timeout_closes_a_connection_whose_headers_never_end(tmp_path: Path) -> None:
+    server = serve_random(tmp_path, MODEL__WARMUP="false", SERVER__KEEPALIVE_TIMEOUT_S="1")
+    try:
+        listening, _ = server.wait_for("listening")
+        with socket.create_connection(("127.0.0.1", listening["port"]), timeout=20) as client:
+            client.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and no more
+            # The server closes it (an empty read); without the setting recv() times out.
+            assert client.recv(1024) == b""
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=TIMEOUT_S) == 0
+    finally:
+        server.close()

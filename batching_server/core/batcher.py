@@ -105,6 +105,38 @@ class BatcherObserver(Protocol):
     def on_drop(self, reason: DropReason, count: int) -> None: ...
 
 
+class _GuardedObserver:
+    """Forwards each event to an observer, logging (never raising) what the observer raises.
+
+    Observers feed metrics: a bug in one must cost the metrics, never a caller's result,
+    and never the dispatcher (whose death would strand every queued future).
+    """
+
+    def __init__(self, observer: BatcherObserver) -> None:
+        self._observer = observer
+
+    def on_queue_size(self, size: int) -> None:
+        _guarded("on_queue_size", lambda: self._observer.on_queue_size(size))
+
+    def on_dispatch(self, info: BatchInfo) -> None:
+        _guarded("on_dispatch", lambda: self._observer.on_dispatch(info))
+
+    def on_batch_done(
+        self, info: BatchInfo, duration_s: float, error: BaseException | None
+    ) -> None:
+        _guarded("on_batch_done", lambda: self._observer.on_batch_done(info, duration_s, error))
+
+    def on_drop(self, reason: DropReason, count: int) -> None:
+        _guarded("on_drop", lambda: self._observer.on_drop(reason, count))
+
+
+def _guarded(event: str, call: Callable[[], None]) -> None:
+    try:
+        call()
+    except Exception:
+        log.exception("batcher_observer_failed", observer_event=event)
+
+
 class _NullObserver:
     def on_queue_size(self, size: int) -> None:
         pass
@@ -162,6 +194,7 @@ class Batcher(Generic[T, R]):
         clock: Callable[[], float] = time.monotonic,
         observer: BatcherObserver | None = None,
         dispatch_when_idle: bool = False,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -179,12 +212,20 @@ class Batcher(Generic[T, R]):
         self.max_queue_size = max_queue_size
         self.max_concurrent_batches = max_concurrent_batches
         self._clock = clock
-        self._observer: BatcherObserver = observer or _NullObserver()
+        self._observer: BatcherObserver = _GuardedObserver(observer or _NullObserver())
+        # Called if the dispatcher dies of an unexpected error: nothing would be served again.
+        self._on_failure = on_failure
+        # Withdrawn entries stay in the deque, marked not queued, until they reach its head
+        # or outnumber the queued ones: removing each from the middle would cost O(n), and a
+        # mass disconnect at a full queue O(n^2). The counts keep queue_size exact.
         self._queue: deque[_Pending[T, R]] = deque()
+        self._queued = 0  # entries of _queue still queued
+        self._withdrawn = 0  # entries of _queue withdrawn, not yet dropped from it
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(max_concurrent_batches)
-        # Running batches and when each was dispatched (batcher clock), for stall detection.
-        self._running: dict[asyncio.Task[None], float] = {}
+        # Running batches, each with its facts: its dispatch time (batcher clock) for stall
+        # detection, its size for Retry-After and for what a timed-out drain abandons.
+        self._running: dict[asyncio.Task[None], BatchInfo] = {}
         self._dispatcher: asyncio.Task[None] | None = None
         self._closed = False
         self._abort_error: Callable[[], ServiceError] | None = None
@@ -197,7 +238,7 @@ class Batcher(Generic[T, R]):
     @property
     def queue_size(self) -> int:
         """Items waiting for a batch (not counting those in a running batch)."""
-        return len(self._queue)
+        return self._queued
 
     @property
     def running_batches(self) -> int:
@@ -223,12 +264,14 @@ class Batcher(Generic[T, R]):
         """Seconds the oldest batch still in flight has been running (0 when none is)."""
         if not self._running:
             return 0.0
-        return self._clock() - min(self._running.values())
+        return self._clock() - min(info.dispatched_at for info in self._running.values())
 
     def estimated_wait_s(self) -> float:
         """Seconds until the images queued now are served, at the measured service rate."""
-        in_flight = len(self._queue) + self.running_batches * self.max_batch_size
-        return in_flight * self._seconds_per_item
+        running = sum(info.size for info in self._running.values())
+        # The rate is measured per batch, and up to max_concurrent_batches batches run side
+        # by side: the images ahead are served that many times faster than one batch alone.
+        return (self._queued + running) * self._seconds_per_item / self.max_concurrent_batches
 
     @property
     def closed(self) -> bool:
@@ -257,11 +300,11 @@ class Batcher(Generic[T, R]):
             raise BatcherClosedError("the server is shutting down and accepts no new images")
         if self._dispatcher.done():
             raise InferenceError("the batcher stopped unexpectedly")
-        if len(self._queue) + len(items) > self.max_queue_size:
+        if self._queued + len(items) > self.max_queue_size:
             self._observer.on_drop("rejected", len(items))
             retry_after = self.estimated_wait_s()
             raise QueueFullError(
-                f"the inference queue is full ({len(self._queue)} of {self.max_queue_size} "
+                f"the inference queue is full ({self._queued} of {self.max_queue_size} "
                 f"images waiting); retry in about {max(1, math.ceil(retry_after))} s",
                 retry_after_s=retry_after,
             )
@@ -270,7 +313,8 @@ class Batcher(Generic[T, R]):
         deadline = None if timeout_s is None else now + timeout_s
         pending = [_Pending[T, R](item, loop.create_future(), now, deadline) for item in items]
         self._queue.extend(pending)
-        self._observer.on_queue_size(len(self._queue))
+        self._queued += len(pending)
+        self._observer.on_queue_size(self._queued)
         self._wakeup.set()
         try:
             async with asyncio.timeout(timeout_s):
@@ -292,30 +336,72 @@ class Batcher(Generic[T, R]):
             raise
 
     def _withdraw(self, pending: list[_Pending[T, R]], reason: DropReason) -> None:
+        # O(1) per item: marked here, dropped from the deque when _take or _compact meets it.
         queued = [p for p in pending if p.queued]
         for p in pending:
             p.future.cancel()
         if not queued:
             return
-        gone = set(map(id, queued))
-        self._queue = deque(p for p in self._queue if id(p) not in gone)
         for p in queued:
             p.queued = False
+        self._queued -= len(queued)
+        self._withdrawn += len(queued)
+        if self._withdrawn > self._queued:
+            self._compact()
         self._observer.on_drop(reason, len(queued))
-        self._observer.on_queue_size(len(self._queue))
+        self._observer.on_queue_size(self._queued)
 
-    async def close(self) -> None:
-        """Refuse new items, dispatch everything queued, and wait for running batches."""
+    def _compact(self) -> None:
+        # Runs only once withdrawn entries outnumber queued ones, so its O(n) costs O(1)
+        # per withdrawal, and withdrawn entries never hold more memory than queued ones.
+        self._queue = deque(p for p in self._queue if p.queued)
+        self._withdrawn = 0
+
+    def _oldest_queued(self) -> _Pending[T, R] | None:
+        while self._queue and not self._queue[0].queued:
+            self._queue.popleft()
+            self._withdrawn -= 1
+        return self._queue[0] if self._queue else None
+
+    def _clear_queue(self) -> list[_Pending[T, R]]:
+        """Empty the queue; return the entries that were still queued."""
+        queued = [p for p in self._queue if p.queued]
+        for p in queued:
+            p.queued = False
+        self._queue.clear()
+        self._queued = self._withdrawn = 0
+        return queued
+
+    async def close(self, *, timeout_s: float | None = None) -> int:
+        """Refuse new items, dispatch everything queued, and wait for running batches.
+
+        With ``timeout_s``, whatever is still queued or running after that many seconds
+        fails with ``BatcherClosedError`` (as in ``abort()``). Returns how many images were
+        failed so (0: everything queued was served).
+        """
         self._closed = True
         self._wakeup.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._stopped()
+        except TimeoutError:
+            unserved = self._queued + sum(info.size for info in self._running.values())
+            self.abort(
+                lambda: BatcherClosedError(
+                    "the server shut down before this image was served: its drain ran out of time"
+                )
+            )
+            await self._stopped()  # prompt: abort() cancelled everything
+            return unserved
+        return 0
+
+    async def _stopped(self) -> None:
+        # wait(), not await: the dispatcher may have died or been cancelled (already logged),
+        # and a timeout around this must not cancel what it waits for.
         if self._dispatcher is not None:
-            if self._abort_error is None:
-                await self._dispatcher
-            else:
-                # abort() cancelled it; wait() lets that be without re-raising it here.
-                await asyncio.wait({self._dispatcher})
+            await asyncio.wait({self._dispatcher})
         while self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+            await asyncio.wait(set(self._running))
 
     def abort(self, error: Callable[[], ServiceError]) -> None:
         """Stop for good: fail every queued and running item with a new ``error()`` at once.
@@ -327,12 +413,11 @@ class Batcher(Generic[T, R]):
         self._abort_error = error
         if self._dispatcher is not None:
             self._dispatcher.cancel()
-        for p in self._queue:
-            p.queued = False
+        queued = self._clear_queue()
+        for p in queued:
             _fail(p.future, error())  # one exception object per caller, as in _run()
-        if self._queue:
-            self._observer.on_drop("aborted", len(self._queue))
-            self._queue.clear()
+        if queued:
+            self._observer.on_drop("aborted", len(queued))
             self._observer.on_queue_size(0)
         for task in self._running:
             task.cancel()
@@ -349,15 +434,17 @@ class Batcher(Generic[T, R]):
                     return
                 info, live = batch
                 task = asyncio.create_task(self._run(info, live), name="batcher-run")
-                self._running[task] = info.dispatched_at
+                self._running[task] = info
                 task.add_done_callback(self._batch_finished)
         except BaseException as exc:
             # Nothing may wait forever on a future whose dispatcher is gone.
-            for p in self._queue:
-                _fail(p.future, self._closing_error("the batcher stopped"))
-            self._queue.clear()
+            for p in self._clear_queue():
+                _fail(p.future, self._closing_error("the batcher stopped unexpectedly"))
             if not isinstance(exc, asyncio.CancelledError):
                 log.exception("batcher_crashed")
+                self._closed = True  # nothing queued now would ever be dispatched
+                if self._on_failure is not None:
+                    self._on_failure(exc)
             raise
 
     def _closing_error(self, message: str) -> ServiceError:
@@ -370,9 +457,10 @@ class Batcher(Generic[T, R]):
     async def _next_batch(self) -> tuple[BatchInfo, list[_Pending[T, R]]] | None:
         while True:
             now = self._clock()
+            oldest = self._oldest_queued()
             plan = plan_batch(
-                queued=len(self._queue),
-                oldest_enqueued_at=self._queue[0].enqueued_at if self._queue else None,
+                queued=self._queued,
+                oldest_enqueued_at=oldest.enqueued_at if oldest else None,
                 now=now,
                 max_batch_size=self.max_batch_size,
                 max_wait_s=self.max_wait_s,
@@ -398,10 +486,15 @@ class Batcher(Generic[T, R]):
         self, size: int, reason: DispatchReason, now: float
     ) -> tuple[BatchInfo, list[_Pending[T, R]]] | None:
         live: list[_Pending[T, R]] = []
-        cancelled = expired = 0
-        for _ in range(size):
+        cancelled = expired = taken = 0
+        while taken < size:  # size is at most self._queued: the loop ends
             p = self._queue.popleft()
+            if not p.queued:  # withdrawn: its caller was told already
+                self._withdrawn -= 1
+                continue
             p.queued = False
+            self._queued -= 1
+            taken += 1
             if p.future.done():
                 cancelled += 1
             elif p.deadline is not None and now >= p.deadline:
@@ -410,7 +503,7 @@ class Batcher(Generic[T, R]):
                 expired += 1
             else:
                 live.append(p)
-        self._observer.on_queue_size(len(self._queue))
+        self._observer.on_queue_size(self._queued)
         if cancelled:
             self._observer.on_drop("cancelled", cancelled)
         if expired:
@@ -426,10 +519,11 @@ class Batcher(Generic[T, R]):
         return info, live
 
     async def _run(self, info: BatchInfo, live: list[_Pending[T, R]]) -> None:
-        self._observer.on_dispatch(info)
         started = self._clock()
         error: BaseException | None = None
         try:
+            # Inside the try: whatever raises here still fails the batch's futures.
+            self._observer.on_dispatch(info)
             results = await self._batch_fn([p.item for p in live], info)
             if len(results) != len(live):
                 raise InferenceError(

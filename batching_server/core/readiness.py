@@ -16,6 +16,13 @@ class ExitCode(enum.IntEnum):
     BAD_SETTINGS = 2
     MODEL_LOAD_FAILED = 3
     MODEL_STALLED = 4  # a forward pass hung past model.stall_timeout_s
+    BATCHER_FAILED = 5  # the batcher's dispatcher died of a bug: every request would fail
+    DRAIN_TIMED_OUT = 6  # server.graceful_shutdown_timeout_s passed with images unserved
+    # A second SIGINT or SIGTERM during the drain stops the process at once: 128 + the
+    # signal's number, as a shell reports a process that signal killed, since the operator
+    # asked for exactly that.
+    FORCED_BY_SIGINT = 130
+    FORCED_BY_SIGTERM = 143
 
 
 class Readiness:
@@ -59,9 +66,15 @@ class Readiness:
         self._ready.clear()
 
     def mark_failed(self, reason: str, *, exit_code: ExitCode = ExitCode.STARTUP_FAILED) -> None:
-        """Refuse traffic for good; whoever runs the server should stop it."""
-        self._reason = reason
+        """Refuse traffic for good; whoever runs the server should stop it.
+
+        The first failure wins: a later one (a drain that times out behind a stalled model,
+        say) is a consequence, and the cause is what the exit status must tell.
+        """
         self._ready.clear()
+        if self.failed:
+            return
+        self._reason = reason
         self._exit_code = exit_code
         self._failed.set()
 

@@ -1,8 +1,10 @@
 """``create_app()``: routes, middlewares, and the lifecycles of pools, model and batcher.
 
-Start-up order (``cleanup_ctx`` unwinds it in reverse on shutdown): tracing, decode pool,
-model (loaded, then warmed up in the background), batcher. So on shutdown the batcher
-drains first, and the spans of its last batches are flushed last.
+Start-up order (``cleanup_ctx`` unwinds it in reverse on shutdown): tracing, loop lag,
+decode pool, stall watchdog, model (loaded, then warmed up in the background), batcher. So on
+shutdown the batcher drains first, under the watchdog (a pass that hangs during the drain is
+a stall like any other, and so is a hung warm-up pass), and the spans of its last batches are
+flushed last.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import asyncio
 import contextlib
 import functools
 import gc
+import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 import structlog
 from aiohttp import web
@@ -24,7 +28,7 @@ from ..core.batcher import Batcher
 from ..core.errors import ModelStalledError
 from ..core.readiness import ExitCode, Readiness
 from ..core.shapes import warmup_sizes
-from ..core.watchdog import StallWatchdog
+from ..core.watchdog import PassTimer, StallWatchdog
 from ..models.loading import load_runner
 from ..models.runner import ModelRunner
 from ..models.spec import ModelSpec
@@ -65,18 +69,33 @@ __all__ = ["create_app", "create_metrics_app"]
 log = structlog.get_logger(__name__)
 
 
+@dataclass(slots=True)
+class _Lifecycle:
+    """State the lifecycle hooks share: the clock, warm-up passes, when shutdown began."""
+
+    clock: Callable[[], float]
+    warmup_passes: PassTimer
+    shutdown_started: float | None = field(default=None)
+
+
+# Set once in create_app, before the app freezes; its fields change as the app runs.
+_LIFECYCLE = web.AppKey("lifecycle", _Lifecycle)
+
+
 def create_app(
     settings: Settings,
     *,
     runner: ModelRunner | None = None,
     tracer_provider: TracerProvider | None = None,
     spec: ModelSpec = RESNET50,
+    clock: Callable[[], float] = time.monotonic,
 ) -> web.Application:
     """Build the application.
 
     Pass ``runner`` to share one loaded model (its thread plan then sets how many
     batches run at once), or ``tracer_provider`` to collect spans elsewhere (tests do both);
-    the app then leaves their shutdown to the caller.
+    the app then leaves their shutdown to the caller. ``clock`` times batches and warm-up
+    passes for the batcher and the stall watchdog (tests pass a fake one).
     """
     provider = tracer_provider or create_tracer_provider(settings.tracing)
     middlewares: list[Middleware] = []
@@ -95,6 +114,7 @@ def create_app(
     app[SETTINGS] = settings
     app[MODEL_SPEC] = spec
     app[READINESS] = Readiness()
+    app[_LIFECYCLE] = _Lifecycle(clock=clock, warmup_passes=PassTimer(clock=clock))
     # Bodies are read and decoded only this many requests at a time; the others wait unread
     # (TCP holds them back), so memory stays under this x limits.max_upload_bytes.
     app[UPLOAD_SLOTS] = asyncio.Semaphore(settings.limits.max_concurrent_uploads)
@@ -114,10 +134,12 @@ def create_app(
         app.cleanup_ctx.append(_tracing_ctx(provider))
     app.cleanup_ctx.append(_loop_lag_ctx)
     app.cleanup_ctx.append(_decode_pool_ctx)
-    app.cleanup_ctx.append(_model_ctx(runner))
-    app.cleanup_ctx.append(_batcher_ctx)
+    # Before the model and the batcher, so that it is stopped after them: it watches the
+    # warm-up passes and the drain.
     if settings.model.stall_timeout_s:
         app.cleanup_ctx.append(_watchdog_ctx)
+    app.cleanup_ctx.append(_model_ctx(runner))
+    app.cleanup_ctx.append(_batcher_ctx)
     app.on_shutdown.append(_mark_shutting_down)
     return app
 
@@ -160,6 +182,7 @@ async def _decode_pool_ctx(app: web.Application) -> AsyncIterator[None]:
         preprocessor=Preprocessor(
             transform=spec.transform(settings.model.weights),
             max_image_pixels=settings.limits.max_image_pixels,
+            max_pixels_in_flight=settings.limits.max_decode_pixels_in_flight,
             jpeg_draft=settings.preprocess.jpeg_draft,
             fast_resize=settings.preprocess.fast_resize,
         ),
@@ -221,8 +244,14 @@ async def _warm_up(app: web.Application, runner: ModelRunner) -> None:
     if settings.model.warmup:
         readiness.mark_not_ready("warming up the model")
         sizes = warmup_sizes(settings.batching.max_batch_size, settings.batching.batch_sizes)
+        passes = app[_LIFECYCLE].warmup_passes
+        seconds = 0.0
         try:
-            seconds = await runner.warmup(sizes)
+            # One shape at a time, each timed on its own: a hung pass is a stall, while the
+            # whole warm-up may rightly take longer than model.stall_timeout_s.
+            for size in sizes:
+                with passes.running():
+                    seconds += await runner.warmup([size])
         except Exception as exc:
             log.exception("warmup_failed")
             readiness.mark_failed(f"warm-up failed: {type(exc).__name__}")
@@ -238,8 +267,19 @@ async def _warm_up(app: web.Application, runner: ModelRunner) -> None:
 
 
 async def _batcher_ctx(app: web.Application) -> AsyncIterator[None]:
-    batching = app[SETTINGS].batching
+    settings = app[SETTINGS]
+    batching = settings.batching
+    readiness = app[READINESS]
+    lifecycle = app[_LIFECYCLE]
     runner = app[RUNNER]
+
+    def on_failure(exc: BaseException) -> None:
+        # Every request would now fail: say so on /ready and /health, and exit (see
+        # __main__) so that the supervisor restarts the process.
+        readiness.mark_failed(
+            f"the batcher stopped: {type(exc).__name__}", exit_code=ExitCode.BATCHER_FAILED
+        )
+
     batch_fn = traced_batch_function(
         runner.predict_batch,
         tracer=app[TRACER],
@@ -255,16 +295,44 @@ async def _batcher_ctx(app: web.Application) -> AsyncIterator[None]:
         max_concurrent_batches=runner.threads.concurrent_batches,
         observer=app[METRICS],
         dispatch_when_idle=batching.dispatch_when_idle,
+        clock=lifecycle.clock,
+        on_failure=on_failure,
     )
     batcher.start()
     app[BATCHER] = batcher
     yield
-    # Runs after aiohttp has waited for in-flight handlers; drains anything still queued.
-    await batcher.close()
+    # Runs after aiohttp has waited for in-flight handlers; drains anything still queued,
+    # within what is left of the drain's time since shutdown began.
+    timeout_s = settings.server.graceful_shutdown_timeout_s
+    if lifecycle.shutdown_started is not None:
+        timeout_s -= time.monotonic() - lifecycle.shutdown_started
+    unserved = await batcher.close(timeout_s=max(0.0, timeout_s))
+    if unserved:
+        log.error(
+            "drain_timed_out",
+            unserved_images=unserved,
+            graceful_shutdown_timeout_s=settings.server.graceful_shutdown_timeout_s,
+        )
+        readiness.mark_failed(
+            f"the drain ran out of time with {unserved} images unserved "
+            f"(server.graceful_shutdown_timeout_s = "
+            f"{settings.server.graceful_shutdown_timeout_s:g})",
+            exit_code=ExitCode.DRAIN_TIMED_OUT,
+        )
+
+
+class _BatcherWhenStarted:
+    """The app's batcher as the watchdog sees it: nothing runs before it exists."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+
+    def longest_running_s(self) -> float:
+        batcher = self._app.get(BATCHER)
+        return batcher.longest_running_s() if batcher is not None else 0.0
 
 
 async def _watchdog_ctx(app: web.Application) -> AsyncIterator[None]:
-    batcher = app[BATCHER]
     readiness = app[READINESS]
     timeout_s = app[SETTINGS].model.stall_timeout_s
 
@@ -277,14 +345,21 @@ async def _watchdog_ctx(app: web.Application) -> AsyncIterator[None]:
             f"the model stalled: a forward pass has run for {running_s:.0f} s; "
             "the server is restarting"
         )
-        batcher.abort(lambda: ModelStalledError(message))
+        batcher = app.get(BATCHER)
+        if batcher is not None:  # else the stall is a warm-up pass: nothing is queued
+            batcher.abort(lambda: ModelStalledError(message))
         readiness.mark_failed(
             f"model stalled: a forward pass has run for {running_s:.0f} s "
             f"(model.stall_timeout_s = {timeout_s:g})",
             exit_code=ExitCode.MODEL_STALLED,
         )
 
-    watchdog = StallWatchdog(batcher, stall_timeout_s=timeout_s, on_stall=on_stall)
+    watchdog = StallWatchdog(
+        _BatcherWhenStarted(app),
+        app[_LIFECYCLE].warmup_passes,
+        stall_timeout_s=timeout_s,
+        on_stall=on_stall,
+    )
     task = asyncio.create_task(watchdog.run(), name="stall-watchdog")
     yield
     task.cancel()
@@ -301,4 +376,6 @@ def create_metrics_app(app: web.Application) -> web.Application:
 
 
 async def _mark_shutting_down(app: web.Application) -> None:
+    # Runs before aiohttp waits for in-flight handlers: the drain's time counts from here.
+    app[_LIFECYCLE].shutdown_started = time.monotonic()
     app[READINESS].mark_not_ready("shutting down")

@@ -186,7 +186,6 @@ class ModelRunner:
     async def warmup(self, batch_sizes: Iterable[int]) -> float:
         """Run one forward pass per batch size; returns the seconds it took."""
         sizes = sorted(set(batch_sizes))
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
         passes: list[tuple[ThreadPoolExecutor, int, int | None]] = [
             (self._executor, size, None) for size in sizes
@@ -195,9 +194,17 @@ class ModelRunner:
             passes.append((self._solo_executor, 1, self.threads.solo_threads))
         for executor, size, threads in passes:
             dummy = torch.zeros(size, 3, self.input_size, self.input_size)
-            await loop.run_in_executor(
-                executor, functools.partial(self.forward, dummy, threads=threads)
-            )
+            # Counted as busy like a batch's pass: a warm-up pass that hangs must be
+            # abandoned by close(), not waited for.
+            with self._busy_lock:
+                self._busy += 1
+            try:
+                future = executor.submit(functools.partial(self.forward, dummy, threads=threads))
+            except BaseException:
+                self._pass_ended()
+                raise
+            future.add_done_callback(self._pass_ended)
+            await asyncio.wrap_future(future)
         if self.forward_pass.compiled:
             self._graphs_at_warmup = compiled_graphs()
         return time.perf_counter() - started

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from batching_server.core.batcher import Batcher, BatchPlan, plan_batch
 from batching_server.core.errors import (
@@ -21,10 +22,12 @@ from batching_server.core.errors import (
     QueueFullError,
 )
 from tests.fakes import (
+    CountingDeque,
     FailingModel,
     FakeClock,
     GatedModel,
     MiscountingModel,
+    RaisingObserver,
     RecordingModel,
     RecordingObserver,
 )
@@ -507,3 +510,153 @@ async def test_queue_full_carries_a_retry_after_from_the_measured_rate() -> None
     model.gate.set()
     await asyncio.gather(*running, *queued)
     await batcher.close()
+
+
+async def test_retry_after_counts_concurrent_batches_as_running_side_by_side() -> None:
+    clock = FakeClock()
+    model = GatedModel()
+    batcher = make(model, max_batch_size=2, max_queue_size=4, clock=clock, max_concurrent_batches=2)
+    first = spawn(batcher, 1, 2)
+    await model.started.wait()
+    clock.now = 0.5  # a batch of 2 took 0.5 s: 0.25 s per image, per batch
+    model.gate.set()
+    await asyncio.gather(*first)
+    model.gate.clear()
+    running = spawn(batcher, 3, 4, 5, 6)  # two batches of 2, side by side
+    await settle()
+    assert batcher.running_batches == 2
+    queued = spawn(batcher, 7, 8, 9, 10)
+    await settle()
+    assert batcher.queue_size == 4
+    with pytest.raises(QueueFullError) as caught:
+        await batcher.submit(11)
+    # 4 running + 4 queued at 0.25 s each, served two batches at a time: 1 s, not 2 s.
+    assert caught.value.retry_after_s == pytest.approx(1.0)
+    model.gate.set()
+    await asyncio.gather(*running, *queued)
+    await batcher.close()
+
+
+# --- a bounded drain ---------------------------------------------------------------------
+
+
+async def test_close_with_a_timeout_fails_what_is_left_as_shutting_down(
+    observer: RecordingObserver,
+) -> None:
+    model = GatedModel()  # its gate stays shut: a forward pass that never returns
+    batcher = make(model, max_batch_size=2, observer=observer)
+    running = spawn(batcher, 1, 2)
+    await model.started.wait()
+    queued = spawn(batcher, 3)
+    await settle()
+    assert await batcher.close(timeout_s=0) == 3  # returns although the gate is still shut
+    for task in running + queued:
+        with pytest.raises(BatcherClosedError, match="drain ran out of time"):
+            await task
+    assert batcher.running_batches == 0
+    assert batcher.queue_size == 0
+    assert observer.drops == {"aborted": 1}
+    assert model.batches == [[1, 2]]
+
+
+async def test_close_with_a_zero_timeout_and_nothing_left_fails_nothing() -> None:
+    model = RecordingModel()
+    batcher = make(model, max_batch_size=2)
+    assert await asyncio.gather(*spawn(batcher, 1, 2)) == [10, 20]
+    assert await batcher.close(timeout_s=0) == 0
+
+
+# --- failures the batcher must survive or report ----------------------------------------
+
+
+@pytest.mark.parametrize("event", ["on_queue_size", "on_dispatch", "on_batch_done", "on_drop"])
+async def test_an_observer_that_raises_strands_no_caller(event: str) -> None:
+    observer = RaisingObserver(event)
+    model = RecordingModel()
+    batcher = make(model, max_batch_size=2, max_queue_size=2, observer=observer)
+    with structlog.testing.capture_logs() as logs:
+        served = spawn(batcher, 1, 2)
+        await settle()
+        assert all(task.done() for task in served)  # no caller waits on a stranded future
+        assert [task.result() for task in served] == [10, 20]
+        with pytest.raises(QueueFullError):  # on_drop("rejected") raises first
+            await batcher.submit_many([3, 4, 5])
+        last = spawn(batcher, 6)  # a partial batch, sent by the drain
+        await settle()
+        await batcher.close()
+    assert await last[0] == 60
+    # The observer's bug is logged, not swallowed, and not the callers' problem.
+    assert {"batcher_observer_failed"} == {
+        log["event"] for log in logs if log.get("observer_event") == event
+    }
+
+
+async def test_a_dead_dispatcher_fails_its_queue_and_reports_once() -> None:
+    clock = FakeClock()
+    failures: list[BaseException] = []
+    batcher = make(RecordingModel(), clock=clock, on_failure=failures.append)
+    queued = spawn(batcher, 1)  # waits for a fuller batch
+    await settle()
+    clock.error = RuntimeError("a bug in the dispatcher's path")
+    with batcher.expecting():
+        pass  # wakes the dispatcher, which reads the clock and dies
+    await settle()
+    assert failures == [clock.error]
+    with pytest.raises(BatcherClosedError, match="stopped unexpectedly"):
+        await queued[0]
+    assert batcher.closed
+    clock.error = None
+    with pytest.raises(BatcherClosedError):
+        await batcher.submit(2)
+    await batcher.close()  # does not re-raise the dispatcher's error
+
+
+# --- withdrawal costs O(1) per item ---------------------------------------------------------
+
+
+async def test_withdrawing_callers_one_by_one_costs_constant_work_each() -> None:
+    model = GatedModel()
+    batcher = make(model, max_batch_size=1, max_queue_size=100_000)
+    held = spawn(batcher, 0)
+    await model.started.wait()  # the model is busy: everything after this stays queued
+    queue = CountingDeque()
+    batcher._queue = queue  # counts every entry any pass over the queue visits
+    callers = 20_000
+    tasks = spawn(batcher, *range(1, callers + 1))
+    await settle(2)
+    assert batcher.queue_size == callers
+    withdrawn = 2_000
+    for i, task in enumerate(tasks[:withdrawn]):
+        task.cancel()  # a client that went away
+        await asyncio.sleep(0)  # its handler sees the cancellation and withdraws its item
+        assert batcher.queue_size == callers - i - 1  # exact after every withdrawal
+        # Rebuilding the queue per withdrawal would visit ~20,000 entries each time.
+        assert queue.visited <= 4 * (i + 1)
+    model.gate.set()
+    results = await asyncio.gather(*tasks[withdrawn:])
+    assert results == [item * 10 for item in range(withdrawn + 1, callers + 1)]
+    assert await held[0] == 0
+    await batcher.close()
+
+
+async def test_take_skips_withdrawn_items_and_sizes_stay_exact(
+    observer: RecordingObserver,
+) -> None:
+    model = GatedModel()
+    batcher = make(model, max_batch_size=4, observer=observer)
+    held = spawn(batcher, 0, 0, 0, 0)
+    await model.started.wait()
+    tasks = spawn(batcher, 1, 2, 3, 4, 5, 6, 7, 8)
+    await settle()
+    for i in (0, 2, 3):  # items 1, 3 and 4 leave, the first of them the queue's head
+        tasks[i].cancel()
+    await settle()
+    assert batcher.queue_size == 5
+    assert observer.drops == {"cancelled": 3}
+    model.gate.set()
+    await batcher.close()  # the last, partial batch goes with the drain
+    assert [tasks[i].result() for i in (1, 4, 5, 6, 7)] == [20, 50, 60, 70, 80]
+    assert [task.result() for task in held] == [0, 0, 0, 0]
+    # Full batches of live items only: the withdrawn ones took no place in a batch.
+    assert model.batches == [[0, 0, 0, 0], [2, 5, 6, 7], [8]]
+    assert batcher.queue_size == 0

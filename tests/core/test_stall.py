@@ -9,11 +9,11 @@ import pytest
 from aiohttp import FormData
 
 from batching_server.core.readiness import ExitCode
-from batching_server.core.watchdog import StallWatchdog
+from batching_server.core.watchdog import PassTimer, StallWatchdog
 from batching_server.http.appkeys import BATCHER, READINESS
 from batching_server.models import ModelRunner
 from tests.conftest import AppClient, make_settings
-from tests.fakes import SpyRunner
+from tests.fakes import FakeClock, SpyRunner
 from tests.images import photo_bytes
 from tests.metrics_text import scrape, value
 
@@ -54,6 +54,30 @@ def test_watchdog_polls_often_enough_for_its_timeout() -> None:
     assert StallWatchdog(Running(), stall_timeout_s=600, on_stall=print).interval_s == 1.0
     with pytest.raises(ValueError, match="stall_timeout_s must be positive"):
         StallWatchdog(Running(), stall_timeout_s=0, on_stall=print)
+
+
+def test_pass_timer_times_the_oldest_pass_still_running() -> None:
+    clock = FakeClock(100.0)
+    passes = PassTimer(clock=clock)
+    assert passes.longest_running_s() == 0.0
+    with passes.running():
+        clock.now = 103.0
+        with passes.running():
+            clock.now = 110.0
+            assert passes.longest_running_s() == 10.0  # the older of the two
+        assert passes.longest_running_s() == 10.0
+    assert passes.longest_running_s() == 0.0
+
+
+def test_watchdog_reports_a_stall_in_any_of_what_it_watches() -> None:
+    batches, warmup = Running(), Running()
+    reports: list[float] = []
+    watchdog = StallWatchdog(batches, warmup, stall_timeout_s=5.0, on_stall=reports.append)
+    batches.seconds = 1.0
+    assert watchdog.check() is False
+    warmup.seconds = 7.0  # a warm-up pass hangs while no batch does
+    assert watchdog.check() is True
+    assert reports == [7.0]
 
 
 async def test_run_returns_once_it_has_reported() -> None:
@@ -101,6 +125,7 @@ async def test_a_hung_forward_pass_fails_the_server_with_reasons(
         body: dict[str, Any] = await response.json()
         assert body["error"]["type"] == "model_stalled"
         assert "stalled" in body["error"]["message"]
+        assert response.headers["Retry-After"] == "10"  # after the restart
     ready = await client.get("/ready")
     assert ready.status == 503
     assert "model stalled" in (await ready.json())["reason"]
