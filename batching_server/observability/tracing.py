@@ -121,6 +121,32 @@ def _prepare_instrumentation() -> None:
         _instrumentation_ready = True
 
 
+# Headers OpenTelemetry's propagators read. They encode each value as UTF-8 and raise on
+# one that is not (aiohttp keeps undecodable bytes as surrogates), outside any handler that
+# could turn the error into an answer: such a header is dropped, as if never sent.
+_PROPAGATION_HEADERS = ("traceparent", "tracestate", "baggage")
+
+
+def _is_utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _readable_propagation(request: web.Request) -> dict[str, str] | None:
+    """The propagation headers that are valid UTF-8, or None when all of them are."""
+    found = {name: request.headers.getall(name, []) for name in _PROPAGATION_HEADERS}
+    if all(_is_utf8(value) for values in found.values() for value in values):
+        return None
+    return {
+        name: ",".join(values)
+        for name, values in found.items()
+        if values and all(_is_utf8(value) for value in values)
+    }
+
+
 def server_span_middleware(
     provider: TracerProvider, traced: Callable[[web.Request], bool]
 ) -> Middleware:
@@ -129,11 +155,22 @@ def server_span_middleware(
         return _unrecorded_server_span_middleware(provider.get_tracer(__name__), traced)
     _prepare_instrumentation()
     spans = create_aiohttp_middleware(tracer_provider=provider)
+    tracer = provider.get_tracer(__name__)
 
     @web.middleware
     async def server_span(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not traced(request):
             return await handler(request)
+        readable = _readable_propagation(request)
+        if readable is not None:
+            # OpenTelemetry's middleware would raise reading them: a plainer span instead,
+            # continuing whatever the readable headers carry.
+            with tracer.start_as_current_span(
+                f"{request.method} {request.path}",
+                context=propagate.extract(readable),
+                kind=trace.SpanKind.SERVER,
+            ):
+                return await handler(request)
         response: web.StreamResponse = await spans(request, handler)
         return response
 
@@ -156,7 +193,11 @@ def _unrecorded_server_span_middleware(
             return await handler(request)
         with tracer.start_as_current_span(
             request.method,
-            context=propagate.extract(request.headers),
+            context=propagate.extract(
+                request.headers
+                if (readable := _readable_propagation(request)) is None
+                else readable
+            ),
             kind=trace.SpanKind.SERVER,
             record_exception=False,
             set_status_on_exception=False,
