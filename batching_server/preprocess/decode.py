@@ -7,13 +7,26 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
+from collections.abc import Callable
+from typing import cast
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError, _imaging
 
 from ..core.errors import BadImageError, ImageTooLargeError
 
-__all__ = ["ACCEPTED_FORMATS", "DRAFT_MARGIN", "MAX_ASPECT", "decode_image", "limit_aspect"]
+__all__ = [
+    "ACCEPTED_FORMATS",
+    "DRAFT_MARGIN",
+    "IMAGE_BLOCK_BYTES",
+    "MAX_ASPECT",
+    "PEAK_BYTES_PER_PIXEL",
+    "decode_image",
+    "limit_aspect",
+    "load_rgb",
+    "open_image",
+]
 
 # Formats a camera, phone or browser produces. Leaving out the rest (EPS, for one, shells
 # out to Ghostscript) keeps Pillow's least-audited decoders away from untrusted bytes.
@@ -25,8 +38,24 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 Image.MAX_IMAGE_PIXELS = None
 # Register every plugin now: Image.open(formats=...) looks them up without doing it itself.
 Image.init()
+# Every image up to this size in one allocation, not Pillow's 16 MB blocks: glibc maps an
+# allocation that large straight from the OS and unmaps it when freed, while 16 MB blocks,
+# once one is freed, come from the decode threads' malloc arenas, which keep freed memory
+# past the decode (per thread, so the budget's bound would not hold). One block is also what
+# lets pixels_rgbx view a large image's pixels instead of copying them.
+IMAGE_BLOCK_BYTES = 1 << 30
+_imaging.set_block_size(IMAGE_BLOCK_BYTES)
 
-_WHITE = (255, 255, 255, 255)
+_WHITE = (255, 255, 255)
+# Rows converted at a time on the high-bit-depth path: its float temporaries stay small
+# instead of costing several times the image.
+_CHUNK_PIXELS = 1 << 20
+# Peak memory of one decode, in bytes per pixel: a decoded pixel is at most 4 bytes here, and
+# every conversion below holds the source and one full-size result at once, never more (the
+# source is closed as soon as the result exists). limits.max_decode_pixels_in_flight is
+# derived from it.
+PEAK_BYTES_PER_PIXEL = 8
+_NOT_FINITE = "the image's floating-point pixels include NaN or infinity, which have no grey level"
 # The JPEG draft keeps the short side at least this multiple of the resize size: with less
 # margin the antialiased resize no longer hides the DCT-domain downscale (the tested bound
 # on the normalised tensor's error in tests/preprocess fails at 1.1x).
@@ -43,10 +72,15 @@ def decode_image(data: bytes, *, max_image_pixels: int, draft_size: int | None) 
 
     Raises ``BadImageError`` or ``ImageTooLargeError``.
     """
-    return _to_rgb(_orient(_open(data, max_image_pixels, draft_size)))
+    return load_rgb(open_image(data, max_image_pixels=max_image_pixels, draft_size=draft_size))
 
 
-def _open(data: bytes, max_image_pixels: int, draft_size: int | None) -> Image.Image:
+def open_image(data: bytes, *, max_image_pixels: int, draft_size: int | None) -> Image.Image:
+    """Read and check the header (format, pixel limit); decode nothing.
+
+    Its ``size`` is what ``load_rgb`` will decode (after the JPEG draft). Raises
+    ``BadImageError`` or ``ImageTooLargeError``.
+    """
     if not data:
         raise BadImageError("the uploaded file is empty")
     try:
@@ -71,6 +105,11 @@ def _open(data: bytes, max_image_pixels: int, draft_size: int | None) -> Image.I
         # DRAFT_MARGIN x the resize size, so the antialiased resize that follows still
         # smooths, and the tensor stays within a tested bound of the full decode.
         image.draft("RGB", (draft_size, draft_size))
+    return image
+
+
+def load_rgb(image: Image.Image) -> Image.Image:
+    """Decode an image from ``open_image`` to upright RGB; raises ``BadImageError``."""
     try:
         # Only the first frame of an animation or a multi-page file is decoded.
         image.load()
@@ -78,7 +117,7 @@ def _open(data: bytes, max_image_pixels: int, draft_size: int | None) -> Image.I
         raise BadImageError(
             f"the image data is corrupt or truncated ({type(exc).__name__})"
         ) from None
-    return image
+    return _to_rgb(_orient(image))
 
 
 def limit_aspect(image: Image.Image) -> Image.Image:
@@ -107,14 +146,71 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if mode == "RGB":
         return image
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # High-bit-depth greyscale: Pillow's convert() would clip to 255, not rescale.
-        values = np.asarray(image, dtype=np.float32)
-        scale = 255.0 if mode == "F" and values.max(initial=0.0) <= 1.0 else 1 / 257
-        grey = np.clip(values * scale, 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
-        # Transparent pixels often hold garbage colour; white is what a viewer shows.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, _WHITE)
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+        return _rescaled_grey(image)
+    if mode in ("La", "RGBa"):
+        return _replaced(image, lambda: _premultiplied_over_white(image))
+    if mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        if mode not in ("RGBA", "LA"):
+            # Palette, PA or a colour key (tRNS): Pillow applies the transparency here.
+            image = _replaced(image, lambda: image.convert("RGBA"))
+        return _replaced(image, lambda: _pasted_over_white(image))
+    return _replaced(image, lambda: image.convert("RGB"))
+
+
+def _replaced(source: Image.Image, make: Callable[[], Image.Image]) -> Image.Image:
+    # Conversions run at up to limits.max_image_pixels: the source's memory goes back as
+    # soon as its replacement exists, not when the last caller drops it.
+    try:
+        return make()
+    except (ValueError, OSError):  # a mode, or a pair of modes, Pillow cannot convert
+        raise BadImageError(f"the image's pixel mode {source.mode} is not supported") from None
+    finally:
+        source.close()
+
+
+def _pasted_over_white(image: Image.Image) -> Image.Image:
+    # Transparent pixels often hold garbage colour; white is what a viewer shows. Pasting
+    # through the alpha band blends in place: the only full-size images are the source and
+    # the RGB result (Image.alpha_composite needs a white RGBA and makes an RGBA result: two
+    # more).
+    background = Image.new("RGB", image.size, _WHITE)
+    background.paste(image, mask=image)
+    return background
+
+
+def _premultiplied_over_white(image: Image.Image) -> Image.Image:
+    # Associated alpha (TIFF ExtraSamples = 1): the colour is already multiplied by alpha,
+    # so over white each band is colour + 255 - alpha. Pillow cannot convert La at all.
+    *colour, alpha = image.split()
+    clear = ImageChops.invert(alpha)
+    bands = [ImageChops.add(band, clear) for band in colour]
+    if len(bands) == 1:
+        return bands[0].convert("RGB")
+    return Image.merge("RGB", bands)
+
+
+def _rescaled_grey(image: Image.Image) -> Image.Image:
+    # High-bit-depth greyscale: Pillow's convert() would clip to 255, not rescale. Converted
+    # a band of rows at a time, so the float temporaries stay small whatever the image's size.
+    width, height = image.size
+    scale = 1 / 257
+    if image.mode == "F":
+        low, high = cast(tuple[float, float], image.getextrema())
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise BadImageError(_NOT_FINITE)
+        if high <= 1.0:
+            scale = 255.0
+    grey = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, _CHUNK_PIXELS // width)
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        values = np.array(image.crop((0, top, width, bottom)), dtype=np.float32)
+        if not np.isfinite(values).all():
+            # Pillow's extrema skip NaN. NaN cast to a byte is an arbitrary grey: the model
+            # would classify noise, as confidently as a photo.
+            raise BadImageError(_NOT_FINITE)
+        values *= scale
+        np.clip(values, 0, 255, out=values)
+        grey[top:bottom] = values
+    image.close()
+    return Image.fromarray(grey, mode="L").convert("RGB")

@@ -68,8 +68,8 @@ def pixels_rgbx(image: Image.Image) -> tuple[torch.Tensor, object]:
 
     C is 4 (RGB and one padding byte per pixel) when the tensor is a view of Pillow's own
     memory: valid only while the owner lives. Where Pillow cannot export the image (older
-    Pillow, or an image over one memory block, 16 MB by default) C is 3 and the tensor is a
-    copy.
+    Pillow, or an image over one memory block: 16 MB by Pillow's default, which decode.py
+    raises to ``IMAGE_BLOCK_BYTES``) C is 3 and the tensor is a copy.
     """
     if image.mode == "RGB":
         try:

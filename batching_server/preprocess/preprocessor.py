@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .decode import DRAFT_MARGIN, decode_image, limit_aspect
+from .budget import PixelBudget
+from .decode import DRAFT_MARGIN, decode_image, limit_aspect, load_rgb, open_image
 from .transforms import fast_transform
 
 __all__ = ["Preprocessor"]
@@ -16,7 +17,8 @@ class Preprocessor:
     """Turns uploaded bytes into the (3, H, W) tensor that ``transform`` defines.
 
     ``transform`` is the weights' own (torchvision's ``weights.transforms()``); where it is
-    the usual resize-crop-normalise, a faster twin runs instead (``fast_resize``).
+    the usual resize-crop-normalise, a faster twin runs instead (``fast_resize``). Its calls
+    share a budget of ``max_pixels_in_flight`` decoded pixels (None: no budget).
     """
 
     def __init__(
@@ -26,9 +28,11 @@ class Preprocessor:
         max_image_pixels: int,
         jpeg_draft: bool = True,
         fast_resize: bool = True,
+        max_pixels_in_flight: int | None = None,
     ) -> None:
         self.transform = transform
         self.max_image_pixels = max_image_pixels
+        self.budget = PixelBudget(max_pixels_in_flight) if max_pixels_in_flight else None
         resize_size: list[int] = getattr(transform, "resize_size", [])
         self.draft_size = (
             round(resize_size[0] * DRAFT_MARGIN) if jpeg_draft and resize_size else None
@@ -54,4 +58,21 @@ class Preprocessor:
 
     def __call__(self, data: bytes) -> torch.Tensor:
         """Decode and transform; raises ``BadImageError`` or ``ImageTooLargeError``."""
-        return self.to_tensor(self.decode(data))
+        image = open_image(data, max_image_pixels=self.max_image_pixels, draft_size=self.draft_size)
+        if self.budget is None:
+            return self._tensor(image)
+        # Taken from the header's size (after the JPEG draft: what will really be decoded),
+        # before any pixel is, and held until the full-size pixels are freed.
+        with self.budget.hold(image.width * image.height):
+            return self._tensor(image)
+
+    def _tensor(self, image: Image.Image) -> torch.Tensor:
+        try:
+            rgb = load_rgb(image)
+            try:
+                return self.to_tensor(rgb)
+            finally:
+                rgb.close()
+        finally:
+            # Now, not whenever the last reference goes: the budget counts these pixels free.
+            image.close()

@@ -12,8 +12,9 @@ from PIL import Image
 
 from batching_server.models import RESNET50
 from batching_server.preprocess import Preprocessor
+from batching_server.preprocess.decode import IMAGE_BLOCK_BYTES, decode_image
 from batching_server.preprocess.pixels import pixels_rgbx
-from tests.images import photo_bytes
+from tests.images import encode, photo_bytes
 
 
 def noise(width: int, height: int, mode: str = "RGB") -> Image.Image:
@@ -50,10 +51,26 @@ def test_view_outlives_the_image_while_its_owner_lives() -> None:
 
 
 def test_images_over_one_memory_block_are_copied() -> None:
-    image = noise(2100, 2000)  # 16.8 MB as RGBX: past Pillow's 16 MB block, no export
+    block = Image.core.get_block_size()
+    Image.core.set_block_size(16 * 2**20)  # Pillow's default, which decode.py raises
+    try:
+        image = noise(2100, 2000)  # 16.8 MB as RGBX: past one block, no export
+    finally:
+        Image.core.set_block_size(block)
     pixels, _owner = pixels_rgbx(image)
     assert pixels.shape == (1, 3, 2000, 2100)
     np.testing.assert_array_equal(as_hwc(pixels), np.array(image))
+
+
+def test_decoded_images_up_to_a_gigabyte_are_one_block_and_viewed() -> None:
+    """The server raises Pillow's block size: a large photo is viewed, not copied (3 B/px)."""
+    data = encode(Image.new("RGB", (4000, 3000), (10, 20, 30)), "PNG")
+    image = decode_image(data, max_image_pixels=10**8, draft_size=None)
+    assert IMAGE_BLOCK_BYTES >= 4000 * 3000 * 4
+    pixels, _owner = pixels_rgbx(image)
+    assert pixels.shape == (1, 4, 3000, 4000)
+    image.putpixel((3999, 2999), (1, 2, 3))
+    assert pixels[0, :3, 2999, 3999].tolist() == [1, 2, 3]
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK"])
