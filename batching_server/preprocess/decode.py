@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import cast
 
 import numpy as np
-from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError, _imaging
+from PIL import Image, ImageChops, ImageOps, TiffImagePlugin, UnidentifiedImageError, _imaging
 
 from ..core.errors import BadImageError, ImageTooLargeError
 
@@ -22,6 +22,7 @@ __all__ = [
     "IMAGE_BLOCK_BYTES",
     "MAX_ASPECT",
     "PEAK_BYTES_PER_PIXEL",
+    "TIFF_COMPRESSIONS",
     "decode_image",
     "limit_aspect",
     "load_rgb",
@@ -47,6 +48,27 @@ IMAGE_BLOCK_BYTES = 1 << 30
 _imaging.set_block_size(IMAGE_BLOCK_BYTES)
 
 _WHITE = (255, 255, 255)
+# TIFF codecs accepted: what scanners, cameras and image editors write. libtiff decodes many
+# more (old-style JPEG, ThunderScan, SGILog, LZMA, ZSTD, WebP-in-TIFF...), rarely used and
+# less exercised: a hostile upload has no business choosing them.
+TIFF_COMPRESSIONS = frozenset(
+    {
+        "raw",
+        "tiff_lzw",
+        "tiff_deflate",
+        "tiff_adobe_deflate",
+        "packbits",
+        "jpeg",
+        "group3",
+        "group4",
+        "tiff_ccitt",
+    }
+)
+# A TIFF tile up to this many pixels is accepted whatever the image's size (writers use 256
+# or 512 square tiles, even on small images); beyond it a tile may not exceed the image.
+# libtiff allocates a whole tile per read, so a declared tile is an allocation the header
+# alone can make huge.
+_TILE_PIXELS_FLOOR = 1024 * 1024
 # Rows converted at a time on the high-bit-depth path: its float temporaries stay small
 # instead of costing several times the image.
 _CHUNK_PIXELS = 1 << 20
@@ -76,7 +98,7 @@ def decode_image(data: bytes, *, max_image_pixels: int, draft_size: int | None) 
 
 
 def open_image(data: bytes, *, max_image_pixels: int, draft_size: int | None) -> Image.Image:
-    """Read and check the header (format, pixel limit); decode nothing.
+    """Read and check the header (format, pixel limit, TIFF codec and tiles); decode nothing.
 
     Its ``size`` is what ``load_rgb`` will decode (after the JPEG draft). Raises
     ``BadImageError`` or ``ImageTooLargeError``.
@@ -99,6 +121,8 @@ def open_image(data: bytes, *, max_image_pixels: int, draft_size: int | None) ->
         )
     if width == 0 or height == 0:
         raise BadImageError(f"the image has no pixels ({width}x{height})")
+    if isinstance(image, TiffImagePlugin.TiffImageFile):
+        _check_tiff(image)
     if draft_size is not None and image.format == "JPEG":
         # Decode in the DCT domain at 1/2, 1/4 or 1/8 scale: a 12-megapixel photo then costs
         # its entropy decoding and little else. The short side stays at least
@@ -118,6 +142,30 @@ def load_rgb(image: Image.Image) -> Image.Image:
             f"the image data is corrupt or truncated ({type(exc).__name__})"
         ) from None
     return _to_rgb(_orient(image))
+
+
+def _check_tiff(image: TiffImagePlugin.TiffImageFile) -> None:
+    compression = image.info.get("compression", "raw")
+    if compression not in TIFF_COMPRESSIONS:
+        raise BadImageError(
+            f"TIFF compression {compression!r} is not accepted (accepted: "
+            + ", ".join(sorted(TIFF_COMPRESSIONS))
+            + ")"
+        )
+    tile_width = image.tag_v2.get(TiffImagePlugin.TILEWIDTH)
+    tile_length = image.tag_v2.get(TiffImagePlugin.TILELENGTH)
+    if tile_width is None and tile_length is None:
+        return
+    if not isinstance(tile_width, int) or not isinstance(tile_length, int):
+        raise BadImageError("the TIFF's tile size is invalid")
+    width, height = image.size
+    # Tiles are multiples of 16 pixels: the image rounded up to them is what one tile can
+    # legitimately cover.
+    covering = -(-width // 16) * 16 * -(-height // 16) * 16
+    if tile_width * tile_length > max(covering, _TILE_PIXELS_FLOOR):
+        raise BadImageError(
+            f"the TIFF declares {tile_width}x{tile_length} tiles for a {width}x{height} image"
+        )
 
 
 def limit_aspect(image: Image.Image) -> Image.Image:

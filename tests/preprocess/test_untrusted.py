@@ -1,5 +1,5 @@
-"""Hostile or odd uploads: every pixel mode converts or is a 400, never a 500; non-finite
-float pixels are refused."""
+"""Hostile or odd uploads: every pixel mode converts or is a 400, never a 500; TIFF codecs and
+tiles are checked from the header; non-finite float pixels are refused."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image, TiffImagePlugin
+from PIL import Image, ImageFile, TiffImagePlugin
 
 from batching_server.core.errors import BadImageError
 from batching_server.models import RESNET50
 from batching_server.preprocess import Preprocessor
+from batching_server.preprocess.decode import TIFF_COMPRESSIONS
 from tests.images import encode, photo, tiff
 
 WIDTH, HEIGHT = 7, 5
@@ -137,3 +138,107 @@ def test_non_finite_float_pixels_are_bad_image(bad: float, where: int) -> None:
     with pytest.raises(BadImageError, match="NaN or infinity") as raised:
         preprocessor()(float_tiff(values))
     assert raised.value.status == 400
+
+
+# --- TIFF codecs and tiles, checked from the header ------------------------------------------
+
+
+def refuse_decoding(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Fails any pixel decode (Pillow's own, or libtiff's): a refusal must come first."""
+    loads: list[str] = []
+
+    def refuse(self: Image.Image) -> None:
+        loads.append(type(self).__name__)
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+    monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "load", refuse)
+    return loads
+
+
+ACCEPTED_CODECS = {1, 2, 3, 4, 5, 7, 8, 32773, 32946}
+
+
+@pytest.mark.parametrize(
+    ("data", "accepted"),
+    [
+        *(
+            pytest.param(encode(photo().convert(mode), "TIFF", compression=name), True, id=name)
+            for mode, name in [
+                ("RGB", "tiff_lzw"),
+                ("RGB", "tiff_adobe_deflate"),
+                ("RGB", "packbits"),
+                ("RGB", "jpeg"),
+                ("1", "group3"),
+                ("1", "group4"),
+            ]
+        ),
+        *(
+            pytest.param(
+                tiff_for((b"II", 2, (1,), 1, (8, 8, 8), ()), tag259=[code]),
+                False,
+                id=TiffImagePlugin.COMPRESSION_INFO[code],
+            )
+            for code in sorted(set(TiffImagePlugin.COMPRESSION_INFO) - ACCEPTED_CODECS)
+        ),
+    ],
+)
+def test_only_common_tiff_codecs_are_decoded(data: bytes, accepted: bool) -> None:
+    """Old-style JPEG, ThunderScan, SGILog, LZMA, ZSTD...: refused from the header."""
+    with Image.open(io.BytesIO(data)) as image:
+        name = image.info["compression"]
+        assert (name in TIFF_COMPRESSIONS) == accepted
+        expected = np.asarray(image.convert("RGB")) if accepted and name != "jpeg" else None
+    if accepted:
+        decoded = preprocessor().decode(data)
+        assert expected is None or np.array_equal(np.asarray(decoded), expected)
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        loads = refuse_decoding(patch)
+        with pytest.raises(BadImageError, match=f"TIFF compression '{name}' is not accepted"):
+            preprocessor()(data)
+    assert loads == []
+
+
+@pytest.mark.parametrize(
+    ("size", "tile", "compression"),
+    [
+        pytest.param((16, 16), (65520, 65520), 1, id="bomb-raw"),
+        pytest.param((16, 16), (65520, 65520), 8, id="bomb-deflate"),
+        pytest.param((16, 4000), (4096, 4096), 8, id="bomb-tall"),
+        pytest.param((WIDTH, HEIGHT), (256, 256), 1, id="small-image-usual-tile"),
+        pytest.param((600, 100), (608, 112), 1, id="one-tile-covers-the-image"),
+    ],
+)
+def test_tiff_tiles_far_beyond_the_image_are_refused_before_decoding(
+    size: tuple[int, int], tile: tuple[int, int], compression: int
+) -> None:
+    """A tiny file declaring huge tiles: libtiff would allocate a whole tile per read.
+
+    A writer's usual 256x256 tile on a small image, or one tile covering the image, is fine.
+    """
+    (width, height), (tile_width, tile_length) = size, tile
+    bomb = tile_width * tile_length > 1024 * 1024
+    # A bomb's file holds 768 bytes; an ordinary tile holds its pixels.
+    shape = (16, 16, 3) if bomb else (tile_length, tile_width, 3)
+    pixels = np.random.default_rng(1).integers(0, 256, shape, np.uint8)
+    data = tiff_for(
+        (b"II", 2, (1,), 1, (8, 8, 8), ()),
+        pixels.tobytes(),
+        tag256=[width],
+        tag257=[height],
+        tag259=[compression],
+        tag322=[tile_width],
+        tag323=[tile_length],
+    )
+    if not bomb:
+        decoded = preprocessor().decode(data)
+        assert np.array_equal(np.asarray(decoded), pixels[:height, :width])
+        return
+    assert len(data) < 1000
+    with pytest.MonkeyPatch.context() as patch:
+        loads = refuse_decoding(patch)
+        match = f"{tile_width}x{tile_length} tiles for a {width}x{height} image"
+        with pytest.raises(BadImageError, match=match):
+            preprocessor()(data)
+    assert loads == []
