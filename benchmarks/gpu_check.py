@@ -31,7 +31,7 @@ from torch import nn
 
 from batching_server.core.batcher import BatchInfo
 from batching_server.core.shapes import padded_size, warmup_sizes
-from batching_server.models import ImageInput, ModelRunner, Ranked, load_runner
+from batching_server.models import ImageInput, ModelRunner, Prediction, load_runner
 from batching_server.observability.logs import configure_logging
 from batching_server.settings import settings_from_mapping
 
@@ -175,20 +175,21 @@ def check_pinned_padding(classifier: ModelRunner, images: int = 3) -> CheckResul
     return CheckResult("padding and pinned memory", not problems, detail)
 
 
-def _inputs(pixels: torch.Tensor, tag: str, top_k: int) -> list[ImageInput]:
+def _inputs(pixels: torch.Tensor, tag: str, rows: bool) -> list[ImageInput]:
     return [
-        ImageInput(pixels=p, request_id=f"{tag}-{i}", top_k=top_k) for i, p in enumerate(pixels)
+        ImageInput(pixels=p, request_id=f"{tag}-{i}", probabilities=rows)
+        for i, p in enumerate(pixels)
     ]
 
 
 async def _predict_together(
-    classifier: ModelRunner, batches: Sequence[torch.Tensor], top_k: int
-) -> list[list[Ranked]]:
+    classifier: ModelRunner, batches: Sequence[torch.Tensor], rows: bool
+) -> list[list[Prediction]]:
     """Every batch through ``predict_batch`` at once, as the batcher dispatches them."""
     now = time.monotonic()
     calls = [
         classifier.predict_batch(
-            _inputs(batch, str(i), top_k),
+            _inputs(batch, str(i), rows),
             BatchInfo(len(batch), "full", now, (0.0,) * len(batch)),
         )
         for i, batch in enumerate(batches)
@@ -196,13 +197,13 @@ async def _predict_together(
     return await asyncio.gather(*calls)
 
 
-def _probabilities(classifier: ModelRunner, rows: Sequence[Ranked]) -> torch.Tensor:
-    """Probability vectors back from rankings of every class (labels are unique)."""
-    vectors = []
-    for ranked in rows:
-        by_label = dict(ranked)
-        vectors.append([by_label[label] for label in classifier.labels])
-    return torch.tensor(vectors)
+def _probabilities(predictions: Sequence[Prediction]) -> torch.Tensor:
+    """The whole probability vectors the predictions carry, as one (N, classes) tensor."""
+    rows = [p.probabilities for p in predictions]
+    assert all(row is not None for row in rows), "predictions made without their rows"
+    return torch.stack(
+        [torch.frombuffer(bytearray(row or b""), dtype=torch.float32) for row in rows]
+    )
 
 
 def _record_calls(classifier: ModelRunner) -> list[tuple[str, float, float]]:
@@ -228,12 +229,12 @@ def check_concurrent(classifier: ModelRunner, batch_size: int, rounds: int) -> C
     try:
         started = time.perf_counter()
         for _ in range(rounds):
-            # Timed as the server asks: its default top_k of 1.
-            asyncio.run(_predict_together(classifier, batches, 1))
+            # Timed as /predict asks: its default top_k of 1, no probability rows.
+            asyncio.run(_predict_together(classifier, batches, rows=False))
         together_s = time.perf_counter() - started
-        # Untimed: every class ranked, so whole probability vectors can be compared.
-        ranked = asyncio.run(_predict_together(classifier, batches, len(classifier.labels)))
-        together = [_probabilities(classifier, rows) for rows in ranked]
+        # Untimed: with their probability rows, so whole vectors can be compared.
+        predicted = asyncio.run(_predict_together(classifier, batches, rows=True))
+        together = [_probabilities(predictions) for predictions in predicted]
     finally:
         del classifier.forward  # back to the method
     started = time.perf_counter()

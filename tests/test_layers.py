@@ -16,14 +16,16 @@ PACKAGE = Path(__file__).resolve().parent.parent / "batching_server"
 # Layer -> the package's own layers it may import (itself always allowed).
 ALLOWED_LAYERS: dict[str, set[str]] = {
     "core": set(),
+    "protocols": {"core"},
     "preprocess": {"core"},
     "models": {"core", "preprocess", "settings"},
     "observability": {"core", "settings"},
-    "http": {"core", "preprocess", "models", "observability", "settings"},
+    "http": {"core", "protocols", "preprocess", "models", "observability", "settings"},
 }
 # Third-party packages a layer must not import.
 FORBIDDEN_PACKAGES: dict[str, set[str]] = {
     "core": {"aiohttp", "torch", "torchvision", "PIL", "numpy", "opentelemetry", "aioprometheus"},
+    "protocols": {"aiohttp", "torch", "torchvision", "PIL", "numpy", "opentelemetry"},
     "preprocess": {"aiohttp", "opentelemetry", "aioprometheus", "torchvision"},
     "models": {"aiohttp", "aioprometheus"},
     "observability": {"torch", "torchvision", "PIL", "numpy"},

@@ -12,6 +12,7 @@ __all__ = [
     "ImageTooLargeError",
     "InferenceError",
     "ModelLoadError",
+    "ModelNotFoundError",
     "ModelStalledError",
     "NotReadyError",
     "PayloadTooLargeError",
@@ -70,6 +71,13 @@ class UnauthorizedError(ServiceError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="batching_server"'})
+
+
+class ModelNotFoundError(ServiceError):
+    """The request names a model (or a version) this server does not serve."""
+
+    status = 404
+    error_type = "model_not_found"
 
 
 class UnsupportedMediaTypeError(ServiceError):

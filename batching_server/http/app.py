@@ -48,7 +48,7 @@ from ..observability.tracing import (
 from ..preprocess.pool import DecodePool
 from ..preprocess.preprocessor import Preprocessor
 from ..settings import Settings
-from . import predict, probes
+from . import oip, predict, probes
 from .appkeys import (
     BATCHER,
     DECODE_POOL,
@@ -128,6 +128,7 @@ def create_app(
     )
     add_routes(app, predict.routes)
     add_routes(app, probes.routes)
+    add_routes(app, oip.routes)
     if not settings.metrics.port:
         add_routes(app, probes.metrics_routes)
     if provider is not None and tracer_provider is None:

@@ -9,7 +9,7 @@ from opentelemetry import trace
 
 from ..core.batcher import Batcher
 from ..core.readiness import Readiness
-from ..models.runner import ImageInput, ModelRunner, Ranked
+from ..models.runner import ImageInput, ModelRunner, Prediction
 from ..models.spec import ModelSpec
 from ..observability.metrics import ServiceMetrics
 from ..preprocess.pool import DecodePool
@@ -34,7 +34,7 @@ READINESS = web.AppKey("readiness", Readiness)
 MODEL_SPEC = web.AppKey("model_spec", ModelSpec)
 RUNNER = web.AppKey("runner", ModelRunner)
 DECODE_POOL = web.AppKey("decode_pool", DecodePool)
-BATCHER = web.AppKey("batcher", Batcher[ImageInput, Ranked])
+BATCHER = web.AppKey("batcher", Batcher[ImageInput, Prediction])
 
 METRICS = web.AppKey("metrics", ServiceMetrics)
 TRACER = web.AppKey("tracer", trace.Tracer)

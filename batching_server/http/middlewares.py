@@ -14,6 +14,7 @@ from aiohttp.typedefs import Handler
 from ..core.errors import ServiceError
 from .appkeys import IMAGE_COUNT, METRICS, REQUEST_ID
 from .responses import error_response
+from .routes import route_of
 
 __all__ = ["REQUEST_ID_HEADER", "request_context_middleware"]
 
@@ -44,6 +45,8 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
     started = time.perf_counter()
     request_id = _request_id(request)
     request[REQUEST_ID] = request_id
+    declared = route_of(request)
+    style = declared.errors if declared is not None else "native"
     metrics = request.app[METRICS]
     error_type: str | None = None
     metrics.in_flight.inc({})
@@ -74,6 +77,7 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
             message=exc.message,
             request_id=request_id,
             headers=exc.headers,
+            style=style,
         )
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -85,6 +89,7 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
             message=f"{exc.reason}: {request.method} {request.path}",
             request_id=request_id,
             headers={k: exc.headers[k] for k in _KEPT_HEADERS if k in exc.headers},
+            style=style,
         )
     except Exception:
         # The traceback goes to the log, never to the client.
@@ -95,6 +100,7 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
             error_type="internal_error",
             message="internal server error; quote the request_id when reporting it",
             request_id=request_id,
+            style=style,
         )
     finally:
         metrics.in_flight.dec({})

@@ -35,14 +35,21 @@ from .responses import json_response
 from .routes import RouteTable
 from .uploads import Upload, read_uploads
 
-__all__ = ["DEADLINE_HEADER", "predict", "routes"]
+__all__ = [
+    "DEADLINE_HEADER",
+    "decode_upload",
+    "predict",
+    "request_timeout_s",
+    "routes",
+    "upload_slot",
+]
 
 DEADLINE_HEADER = "X-Request-Timeout"
 
 routes = RouteTable()
 
 
-def _timeout_s(request: web.Request, configured: float) -> float:
+def request_timeout_s(request: web.Request, configured: float) -> float:
     """The request's deadline: the client's ``X-Request-Timeout`` when shorter."""
     raw = request.headers.get(DEADLINE_HEADER)
     if raw is None:
@@ -78,7 +85,8 @@ def _shown(raw: str) -> str:
     return repr(raw) if len(raw) <= 40 else f"{raw[:40]!r}... ({len(raw)} characters)"
 
 
-async def _decode(request: web.Request, upload: Upload, deadline: float) -> Any:
+async def decode_upload(request: web.Request, upload: Upload, deadline: float) -> Any:
+    """The model input for one upload, decoded in the pool and timed (a span and a metric)."""
     app = request.app
     with app[TRACER].start_as_current_span(
         "image.preprocess",
@@ -115,7 +123,7 @@ async def _read_and_decode(request: web.Request, deadline: float) -> list[Any]:
                 ):
                     uploads.append(upload)
                     request[IMAGE_COUNT] = len(uploads)
-                    tasks.append(asyncio.create_task(_decode(request, upload, deadline)))
+                    tasks.append(asyncio.create_task(decode_upload(request, upload, deadline)))
         except TimeoutError:
             raise RequestTimeoutError(
                 "the request deadline passed before the whole request body arrived "
@@ -146,7 +154,7 @@ async def _read_and_decode(request: web.Request, deadline: float) -> list[Any]:
 
 
 @contextlib.asynccontextmanager
-async def _upload_slot(request: web.Request, timeout_s: float) -> AsyncIterator[None]:
+async def upload_slot(request: web.Request, timeout_s: float) -> AsyncIterator[None]:
     """Hold one of ``limits.max_concurrent_uploads`` while reading and decoding."""
     slots = request.app[UPLOAD_SLOTS]
     try:
@@ -182,13 +190,13 @@ async def predict(request: web.Request) -> web.Response:
         raise NotReadyError(f"the server is not ready: {readiness.reason}")
     settings = app[SETTINGS]
     top_k = _top_k(request, len(app[RUNNER].labels))
-    timeout_s = _timeout_s(request, settings.batching.request_timeout_s)
+    timeout_s = request_timeout_s(request, settings.batching.request_timeout_s)
     request_id = request[REQUEST_ID]
 
     batcher = app[BATCHER]
     # Until its images are queued, this request may still join a partial batch.
     with batcher.expecting():
-        async with _upload_slot(request, timeout_s):
+        async with upload_slot(request, timeout_s):
             pixels = await _read_and_decode(request, started + timeout_s)
     remaining = timeout_s - (time.monotonic() - started)
     if remaining <= 0:
@@ -201,7 +209,8 @@ async def predict(request: web.Request) -> web.Response:
         for p in pixels
     ]
     with app[TRACER].start_as_current_span("batcher.wait", attributes={"images": len(inputs)}):
-        ranked = await batcher.submit_many(inputs, timeout_s=remaining)
+        predictions = await batcher.submit_many(inputs, timeout_s=remaining)
+    ranked = [prediction.ranked for prediction in predictions]
 
     app[METRICS].observe_predictions([labels[0] for labels in ranked])
     results = [_result(labels, top_k) for labels in ranked]

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import AbstractRoute
 
-__all__ = ["ROUTES", "Route", "RouteTable", "add_routes", "route_of"]
+__all__ = ["ROUTES", "ErrorStyle", "Route", "RouteTable", "add_routes", "route_of"]
+
+ErrorStyle = Literal["native", "oip"]
+"""How a route's errors look: ours (type, message, request id) or the Open Inference Protocol's."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -28,6 +32,7 @@ class Route:
     summary: str  # one line for the endpoint list on ``/``
     public: bool = False  # reachable without an API key when ``auth.api_keys`` is set
     traced: bool = True  # gets a server span (probes and scrapes would only add noise)
+    errors: ErrorStyle = "native"  # the shape of its error bodies
 
     @property
     def name(self) -> str:
@@ -45,36 +50,59 @@ class RouteTable:
         return iter(self._routes)
 
     def route(
-        self, method: str, path: str, *, summary: str, public: bool = False, traced: bool = True
+        self,
+        method: str,
+        *paths: str,
+        summary: str,
+        public: bool = False,
+        traced: bool = True,
+        errors: ErrorStyle = "native",
     ) -> Callable[[Handler], Handler]:
-        """Declare ``method path`` with its policy; protected and traced unless told."""
+        """Declare ``method`` on each of ``paths`` with one policy; protected and traced
+        unless told."""
 
         def register(handler: Handler) -> Handler:
-            self._routes.append(
-                Route(
-                    method=method,
-                    path=path,
-                    handler=handler,
-                    summary=summary,
-                    public=public,
-                    traced=traced,
+            for path in paths:
+                self._routes.append(
+                    Route(
+                        method=method,
+                        path=path,
+                        handler=handler,
+                        summary=summary,
+                        public=public,
+                        traced=traced,
+                        errors=errors,
+                    )
                 )
-            )
             return handler
 
         return register
 
     def get(
-        self, path: str, *, summary: str, public: bool = False, traced: bool = True
+        self,
+        *paths: str,
+        summary: str,
+        public: bool = False,
+        traced: bool = True,
+        errors: ErrorStyle = "native",
     ) -> Callable[[Handler], Handler]:
         """Declare a GET route (no implicit HEAD)."""
-        return self.route("GET", path, summary=summary, public=public, traced=traced)
+        return self.route(
+            "GET", *paths, summary=summary, public=public, traced=traced, errors=errors
+        )
 
     def post(
-        self, path: str, *, summary: str, public: bool = False, traced: bool = True
+        self,
+        *paths: str,
+        summary: str,
+        public: bool = False,
+        traced: bool = True,
+        errors: ErrorStyle = "native",
     ) -> Callable[[Handler], Handler]:
         """Declare a POST route."""
-        return self.route("POST", path, summary=summary, public=public, traced=traced)
+        return self.route(
+            "POST", *paths, summary=summary, public=public, traced=traced, errors=errors
+        )
 
 
 ROUTES = web.AppKey("routes", dict[AbstractRoute, Route])

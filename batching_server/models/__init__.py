@@ -2,7 +2,7 @@
 
 from .forward import ForwardPass
 from .loading import load_runner, resolve_device
-from .runner import ImageInput, ModelRunner, Ranked
+from .runner import ImageInput, ModelRunner, Prediction, Ranked
 from .spec import ModelSpec
 from .threads import ThreadPlan, plan_threads
 from .torchvision_spec import (
@@ -19,6 +19,7 @@ __all__ = [
     "ImageInput",
     "ModelRunner",
     "ModelSpec",
+    "Prediction",
     "Ranked",
     "ThreadPlan",
     "TorchvisionClassifier",

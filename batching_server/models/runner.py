@@ -27,7 +27,7 @@ from .acceleration import compiled_graphs
 from .forward import ForwardPass
 from .threads import ThreadPlan, configure_worker_thread
 
-__all__ = ["ImageInput", "ModelRunner", "Ranked", "solo_pass_pays"]
+__all__ = ["ImageInput", "ModelRunner", "Prediction", "Ranked", "solo_pass_pays"]
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +43,16 @@ class ImageInput:
     request_id: str
     span_context: SpanContext | None = None  # the request's span, linked from the batch span
     top_k: int = 1  # how many ranked labels to send back
+    probabilities: bool = False  # send back every class's probability too
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """One image's answer: its ``top_k`` labels, and every probability when it asked."""
+
+    ranked: Ranked  # (label, probability), most likely first
+    indices: tuple[int, ...]  # the class index of each ranked label (labels may repeat)
+    probabilities: bytes | None = None  # float32, little-endian, one per class
 
 
 def solo_pass_pays(threads: ThreadPlan, batch_sizes: Sequence[int]) -> bool:
@@ -119,7 +129,7 @@ class ModelRunner:
         """
         return self.forward_pass.forward(pixels, threads=threads or self.threads.threads)
 
-    def _forward_inputs(self, items: Sequence[ImageInput], threads: int | None) -> list[Ranked]:
+    def _forward_inputs(self, items: Sequence[ImageInput], threads: int | None) -> list[Prediction]:
         started = time.perf_counter()
         batch = self.forward_pass.stack([item.pixels for item in items])
         probabilities = self.forward(batch, threads=threads)
@@ -134,10 +144,14 @@ class ModelRunner:
                 "seconds": time.perf_counter() - started,
             },
         )
-        # Ranked here, once per batch, so the event loop gets plain lists and makes no torch
-        # call: each one releases the GIL, and taking it back can cost the loop a switch
-        # interval while decode threads hold it.
-        return self.rank(probabilities, [item.top_k for item in items])
+        # Ranked here, once per batch, so the event loop gets plain lists and bytes and makes
+        # no torch call: each one releases the GIL, and taking it back can cost the loop a
+        # switch interval while decode threads hold it.
+        return self.predictions(
+            probabilities,
+            [item.top_k for item in items],
+            [item.probabilities for item in items],
+        )
 
     @property
     def compiles_after_warmup(self) -> int:
@@ -158,8 +172,8 @@ class ModelRunner:
             torch_threads=threads or self.threads.threads,
         )
 
-    async def predict_batch(self, items: Sequence[ImageInput], info: BatchInfo) -> list[Ranked]:
-        """Run one forward pass for a batch; each item's ``top_k`` ranked labels."""
+    async def predict_batch(self, items: Sequence[ImageInput], info: BatchInfo) -> list[Prediction]:
+        """Run one forward pass for a batch; each item's prediction."""
         # Executors do not carry contextvars over; the active span must reach the model
         # thread, so run the call inside a copy of this context.
         context = contextvars.copy_context()
@@ -209,16 +223,34 @@ class ModelRunner:
             self._graphs_at_warmup = compiled_graphs()
         return time.perf_counter() - started
 
-    def rank(self, probabilities: torch.Tensor, ks: Sequence[int]) -> list[Ranked]:
-        """Each row's ``ks[i]`` most likely labels, most likely first, from one ``topk``."""
+    def predictions(
+        self,
+        probabilities: torch.Tensor,
+        ks: Sequence[int],
+        with_rows: Sequence[bool] | None = None,
+    ) -> list[Prediction]:
+        """Each row's ``ks[i]`` most likely labels, most likely first, from one ``topk``; and
+        the whole row of probabilities where ``with_rows[i]``."""
         values, indices = torch.topk(probabilities, max(ks))
+        rows: list[bytes | None] = [None] * len(ks)
+        wanted = [i for i, want in enumerate(with_rows or ()) if want]
+        if wanted:
+            # float32 little-endian: the Open Inference Protocol's binary FP32 layout.
+            chosen = probabilities[wanted].to(torch.float32).numpy()
+            for row, i in zip(chosen, wanted, strict=True):
+                rows[i] = row.astype("<f4", copy=False).tobytes()
         labels = self.labels
-        return [
-            [(labels[i], v) for v, i in zip(row_values[:k], row_indices[:k], strict=True)]
-            for row_values, row_indices, k in zip(
-                values.tolist(), indices.tolist(), ks, strict=True
-            )
-        ]
+        predictions = []
+        for top_values, top_indices, k, row in zip(
+            values.tolist(), indices.tolist(), ks, rows, strict=True
+        ):
+            ranked = [(labels[i], v) for v, i in zip(top_values[:k], top_indices[:k], strict=True)]
+            predictions.append(Prediction(ranked, tuple(top_indices[:k]), row))
+        return predictions
+
+    def rank(self, probabilities: torch.Tensor, ks: Sequence[int]) -> list[Ranked]:
+        """Each row's ``ks[i]`` most likely labels, most likely first."""
+        return [prediction.ranked for prediction in self.predictions(probabilities, ks)]
 
     def close(self) -> None:
         """Stop the model threads once their batches end; a batch still running is abandoned.

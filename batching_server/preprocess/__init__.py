@@ -3,6 +3,7 @@
 from .decode import ACCEPTED_FORMATS, decode_image
 from .pool import Decoded, DecodePool
 from .preprocessor import Preprocessor
+from .tensors import pixels_from_values
 from .transforms import FastTransform, fast_transform
 
 __all__ = [
@@ -13,4 +14,5 @@ __all__ = [
     "Preprocessor",
     "decode_image",
     "fast_transform",
+    "pixels_from_values",
 ]

@@ -87,6 +87,15 @@ async def test_every_registered_route_is_declared_and_listed_on_the_index(
         "GET /ready",
         "GET /metrics",
         "GET /",
+        "GET /v2",
+        "GET /v2/health/live",
+        "GET /v2/health/ready",
+        "GET /v2/models/{model}",
+        "GET /v2/models/{model}/versions/{version}",
+        "GET /v2/models/{model}/ready",
+        "GET /v2/models/{model}/versions/{version}/ready",
+        "POST /v2/models/{model}/infer",
+        "POST /v2/models/{model}/versions/{version}/infer",
     }
 
 
