@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,6 @@ __all__ = [
 ]
 
 ENV_PREFIX = "BATCHING_SERVER"
-NAMED_WEIGHTS = ("IMAGENET1K_V1", "IMAGENET1K_V2")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,25 +132,51 @@ _host_or_empty = Check(
     f"empty, or {_HOST}", lambda value: "" if value == "" else _check_host(value)
 )
 
-_WEIGHTS = f"one of {', '.join(NAMED_WEIGHTS)}, 'random', or a path to a state_dict"
+_MODEL_NAME = "the name of a torchvision classification model, such as resnet50 or convnext_tiny"
+
+
+def _check_model_name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(_MODEL_NAME)
+    # Imported here: only this check needs torchvision's catalogue, and settings.py sits
+    # below the model layer.
+    from .models.torchvision_spec import classification_models, closest_models
+
+    models = classification_models()
+    if value not in models:
+        closest = closest_models(value)
+        others = [m for m in models if m not in closest]
+        raise ValueError(
+            f"{_MODEL_NAME} (closest: {', '.join(closest) or 'none'}; the others: "
+            f"{', '.join(others)})"
+        )
+    return value
+
+
+_model_name = Check(_MODEL_NAME, _check_model_name)
+
+_WEIGHTS = (
+    "'DEFAULT' or another of the model's named weights (any case), 'random', or the path of an "
+    "existing state_dict file"
+)
+_WEIGHTS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
 def _check_weights(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(_WEIGHTS)
-    if value in NAMED_WEIGHTS or value == "random":
+    if value == "random":
         return value
-    if value.upper() in NAMED_WEIGHTS:
+    path = Path(value).expanduser()
+    if path.is_file():
+        return str(path)
+    if _WEIGHTS_NAME.fullmatch(value):
+        # Which names the model has is a rule between model.name and model.weights.
         return value.upper()
-    if not Path(value).expanduser().is_file():
-        raise ValueError(
-            f"one of {', '.join(NAMED_WEIGHTS)}, 'random', or the path of an existing "
-            "state_dict file (no such file)"
-        )
-    return str(Path(value).expanduser())
+    raise ValueError(f"{_WEIGHTS} (no such file)")
 
 
-_weights = Check(_WEIGHTS + " file (named weights in any case)", _check_weights)
+_weights = Check(_WEIGHTS, _check_weights)
 
 _PATHS = 'a list of URL paths, such as ["/metrics", "/health"]'
 
@@ -342,19 +368,29 @@ class BatchingSettings:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelSettings:
-    """Which weights to load, where to run them and how to prepare the process."""
+    """Which model and weights to load, where to run them and how to prepare the process."""
 
+    name: str = _setting(
+        "resnet50",
+        _model_name,
+        "The torchvision classification model to serve",
+        """Any model of `torchvision.models.list_models(module=torchvision.models)`: resnet18,
+        efficientnet_b0, convnext_tiny, vit_b_16 and the rest. Its input size, labels and
+        preprocessing follow its weights; metrics, spans and the Open Inference Protocol's model
+        name follow this name. A bad name stops start-up with the closest valid names.""",
+    )
     weights: str = _setting(
-        "IMAGENET1K_V2",
+        "DEFAULT",
         _weights,
         "Named weights, 'random' or a path to a state_dict file",
-        """Named weights come from torchvision's cache, downloaded once if missing. A path names a
-        file saved with `torch.save(model.state_dict(), path)` from `torchvision.models.resnet50`.
-        `random` is a seeded, untrained ResNet-50 with the same compute cost, for tests and
-        benchmarks only: its predictions are meaningless.
+        """Named weights are the model's own torchvision weights (`DEFAULT` is its best, for
+        ResNet-50 `IMAGENET1K_V2`), from torchvision's cache, downloaded once if missing. A path
+        names a file saved with `torch.save(model.state_dict(), path)` from the same
+        torchvision model. `random` is a seeded, untrained network with the same compute cost,
+        for tests and benchmarks only: its predictions are meaningless.
 
-        Preprocessing follows the chosen weights' own torchvision transform; `random` and state_dict
-        files use the `IMAGENET1K_V2` transform.""",
+        Preprocessing follows the chosen weights' own torchvision transform; `random` and
+        state_dict files use the `DEFAULT` weights' transform.""",
     )
     device: str = _setting(
         "auto",
@@ -705,8 +741,30 @@ def _request_fits_the_queue(settings: Settings) -> str | None:
     )
 
 
+def _weights_fit_the_model(settings: Settings) -> str | None:
+    model = settings.model
+    named = _WEIGHTS_NAME.fullmatch(model.weights) and not Path(model.weights).is_file()
+    if model.weights == "random" or not named:
+        return None
+    from .models.torchvision_spec import torchvision_classifier
+
+    names = torchvision_classifier(model.name).weight_names
+    if model.weights in names:
+        return None
+    return (
+        f"model.weights ({model.weights!r}) is not one of {model.name}'s named weights: "
+        f"{', '.join(names)}; or use 'random', or the path of a state_dict file"
+    )
+
+
 # In the order their problems are reported.
 CROSS_KEY_RULES = (
+    CrossKeyRule(
+        frozenset({"model.name", "model.weights"}),
+        "Named `model.weights` must be one of `model.name`'s own torchvision weights "
+        "(`DEFAULT` always is).",
+        _weights_fit_the_model,
+    ),
     CrossKeyRule(
         frozenset({"batching.max_queue_size", "batching.max_batch_size"}),
         "`batching.max_queue_size` must be at least `batching.max_batch_size`, or no batch "

@@ -47,6 +47,7 @@ WIDTH = 100
 README_KEYS = (
     "server.host",
     "server.port",
+    "model.name",
     "model.weights",
     "model.device",
     "model.compile",

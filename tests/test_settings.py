@@ -49,7 +49,8 @@ def test_defaults_without_a_file() -> None:
     assert settings.batching.max_batch_size == 8
     assert settings.batching.max_wait_ms == 10.0
     assert settings.batching.max_queue_size == 64
-    assert settings.model.weights == "IMAGENET1K_V2"
+    assert settings.model.name == "resnet50"
+    assert settings.model.weights == "DEFAULT"
     assert settings.limits.max_image_pixels == 50_000_000
     assert settings.logging.format == "json"
 
@@ -131,7 +132,8 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "server.port must be an integer from 0 to 65535, got 'abc'",
         "batching.max_batch_size must be an integer from 1 to 256, got -3",
         "unknown setting batching.max_batchsize",
-        "model.weights must be one of IMAGENET1K_V1, IMAGENET1K_V2, 'random', or the path",
+        "model.weights must be 'DEFAULT' or another of the model's named weights (any case), "
+        "'random', or the path of an existing state_dict file (no such file)",
         "logging.format must be one of 'json', 'text', got 'yaml'",
     ]
     for fragment in expected:
@@ -172,7 +174,7 @@ def test_environment_problems_are_reported_together(monkeypatch: pytest.MonkeyPa
         pytest.param("server", "host", "my host", "without spaces", id="host"),
         pytest.param("metrics", "host", " ", "without spaces", id="metrics-host"),
         pytest.param("model", "stall_timeout_s", -1, "a number from 0 to 86400", id="stall"),
-        pytest.param("model", "weights", "", "or a path to a state_dict, got ''", id="no-weights"),
+        pytest.param("model", "weights", "", "state_dict file, got ''", id="no-weights"),
         pytest.param("logging", "level", "LOUD", "got 'LOUD'", id="level"),
     ],
 )
@@ -363,3 +365,32 @@ def test_replace_validates(sections: dict[str, dict[str, Any]], fragment: str) -
         Settings().replace(**sections)
     assert len(raised.value.problems) == 1
     assert fragment in raised.value.problems[0]
+
+
+def test_any_torchvision_classifier_with_its_own_weights() -> None:
+    settings = settings_from_mapping(
+        {"model": {"name": "efficientnet_b1", "weights": "imagenet1k_v2"}}
+    )
+    assert (settings.model.name, settings.model.weights) == ("efficientnet_b1", "IMAGENET1K_V2")
+    assert settings_from_mapping({"model": {"name": "resnet18"}}).model.weights == "DEFAULT"
+
+
+def test_a_bad_model_name_lists_the_closest_valid_ones() -> None:
+    (problem,) = problems_of({"model": {"name": "resnet5"}})
+    assert problem.startswith("model.name must be the name of a torchvision classification model")
+    assert "closest: resnet50, " in problem
+    closest, others = problem.split("closest: ", 1)[1].split("; the others: ")
+    assert "resnet18" in closest.split(", ")
+    # Every valid name is listed, closest first.
+    assert {"vit_b_16", "convnext_tiny", "efficientnet_b0"} <= set(others.split(")")[0].split(", "))
+    assert problem.endswith("got 'resnet5'")
+
+
+def test_named_weights_must_be_the_models_own() -> None:
+    (problem,) = problems_of({"model": {"name": "resnet18", "weights": "IMAGENET1K_V2"}})
+    assert problem == (
+        "model.weights ('IMAGENET1K_V2') is not one of resnet18's named weights: "
+        "IMAGENET1K_V1, DEFAULT; or use 'random', or the path of a state_dict file"
+    )
+    # A bad model name is reported once, not again as a weights problem.
+    assert len(problems_of({"model": {"name": "nope", "weights": "IMAGENET1K_V2"}})) == 1

@@ -38,7 +38,7 @@ from ..models.threads import (
     available_cores,
     configure_worker_thread,
 )
-from ..models.torchvision_spec import RESNET50
+from ..models.torchvision_spec import torchvision_classifier
 from ..observability.metrics import ServiceMetrics
 from ..observability.tracing import (
     create_tracer_provider,
@@ -87,7 +87,7 @@ def create_app(
     *,
     runner: ModelRunner | None = None,
     tracer_provider: TracerProvider | None = None,
-    spec: ModelSpec = RESNET50,
+    spec: ModelSpec | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> web.Application:
     """Build the application.
@@ -97,6 +97,7 @@ def create_app(
     the app then leaves their shutdown to the caller. ``clock`` times batches and warm-up
     passes for the batcher and the stall watchdog (tests pass a fake one).
     """
+    spec = spec or torchvision_classifier(settings.model.name)
     provider = tracer_provider or create_tracer_provider(settings.tracing)
     middlewares: list[Middleware] = []
     if provider is not None:

@@ -27,6 +27,7 @@ __all__ = [
     "TorchvisionClassifier",
     "UnknownModelError",
     "classification_models",
+    "closest_models",
     "torchvision_classifier",
 ]
 
@@ -140,6 +141,11 @@ def classification_models() -> tuple[str, ...]:
     return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
 
 
+def closest_models(name: str, count: int = 5) -> list[str]:
+    """The classification models whose names are closest to ``name``, closest first."""
+    return difflib.get_close_matches(name, classification_models(), n=count, cutoff=0.3)
+
+
 def torchvision_classifier(name: str) -> TorchvisionClassifier:
     """The spec of torchvision's classification model ``name``.
 
@@ -147,7 +153,7 @@ def torchvision_classifier(name: str) -> TorchvisionClassifier:
     """
     models = classification_models()
     if name not in models:
-        closest = difflib.get_close_matches(name, models, n=5, cutoff=0.3)
+        closest = closest_models(name)
         rest = [m for m in models if m not in closest]
         raise UnknownModelError(
             f"{name!r} is not one of torchvision's classification models; closest: "

@@ -4,6 +4,7 @@ weights names, and a clear refusal of any other name."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ import torchvision.models
 from aiohttp import FormData
 from PIL import Image
 
+from batching_server.__main__ import main
 from batching_server.http.app import create_app
 from batching_server.http.appkeys import READINESS
 from batching_server.models import (
@@ -109,7 +111,8 @@ def test_resnet50_is_one_of_them() -> None:
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "efficientnet_b1"])
 async def test_served_end_to_end(aiohttp_client: Any, name: str) -> None:
     spec = torchvision_classifier(name)
-    app = create_app(make_settings(batching={"max_batch_size": 2}), spec=spec)
+    settings = make_settings(model={"name": name}, batching={"max_batch_size": 2})
+    app = create_app(settings)  # the model comes from model.name
     client = await aiohttp_client(app)
     await app[READINESS].wait_ready()
     form = FormData()
@@ -129,3 +132,14 @@ async def test_served_end_to_end(aiohttp_client: Any, name: str) -> None:
     ]
     assert info[0]["model_name"] == name
     assert "resnet50" not in text
+
+
+def test_a_bad_model_name_stops_the_cli_with_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("BATCHING_SERVER_MODEL__NAME", "resnet5")
+    monkeypatch.chdir(tmp_path)  # no ./settings.toml there
+    assert main([]) == 2
+    error = capsys.readouterr().err
+    assert "model.name must be the name of a torchvision classification model" in error
+    assert "closest: resnet50" in error
