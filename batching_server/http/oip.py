@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import functools
 import sys
 import time
 from typing import Any
@@ -38,7 +39,17 @@ from ..protocols.oip import (
     encode_response,
     parse_infer_request,
 )
-from .appkeys import BATCHER, IMAGE_COUNT, METRICS, READINESS, REQUEST_ID, RUNNER, SETTINGS, TRACER
+from .appkeys import (
+    BATCHER,
+    DECODE_POOL,
+    IMAGE_COUNT,
+    METRICS,
+    READINESS,
+    REQUEST_ID,
+    RUNNER,
+    SETTINGS,
+    TRACER,
+)
 from .predict import decode_upload, request_timeout_s, upload_slot
 from .responses import json_response
 from .routes import RouteTable
@@ -185,6 +196,13 @@ async def _images(request: web.Request, tensor: InputTensor, deadline: float) ->
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _pixels(tensor: InputTensor, *, input_size: int) -> list[Any]:
+    """Model inputs for a ``pixels`` input (runs in a decode thread: numbers to tensors)."""
+    return pixels_from_values(
+        tensor.numbers(), datatype=tensor.datatype, shape=tensor.shape, input_size=input_size
+    )
+
+
 def _output_tensors(
     outputs: list[RequestedOutput], predictions: list[Prediction], classes: int
 ) -> list[OutputTensor]:
@@ -240,7 +258,11 @@ async def infer(request: web.Request) -> web.Response:
     try:
         with batcher.expecting():
             async with upload_slot(request, timeout_s):
-                parsed = parse_infer_request(await request.read(), _header_length(request))
+                body, header_length = await request.read(), _header_length(request)
+                # Parsing is pure Python over up to limits.max_upload_bytes: off the loop.
+                pool = app[DECODE_POOL].executor
+                loop = asyncio.get_running_loop()
+                parsed = await loop.run_in_executor(pool, parse_infer_request, body, header_length)
                 outputs = _outputs(parsed)
                 if len(parsed.inputs) != 1:
                     raise BadRequestError("send exactly one input: 'image' or 'pixels'")
@@ -256,11 +278,9 @@ async def infer(request: web.Request) -> web.Response:
                 if tensor.name == "image":
                     pixels = await _images(request, tensor, started + timeout_s)
                 elif tensor.name == "pixels":
-                    pixels = pixels_from_values(
-                        tensor.numbers(),
-                        datatype=tensor.datatype,
-                        shape=tensor.shape,
-                        input_size=runner.input_size,
+                    pixels = await loop.run_in_executor(
+                        pool,
+                        functools.partial(_pixels, tensor, input_size=runner.input_size),
                     )
                 else:
                     raise BadRequestError(

@@ -7,6 +7,7 @@ JSON header, then each binary tensor's bytes in order), and the classification e
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 from collections.abc import Iterator, Mapping, Sequence
@@ -57,7 +58,9 @@ class InputTensor:
         if self.datatype != "BYTES":
             raise ProtocolError(f"input {self.name!r} must be BYTES, got {self.datatype}")
         if self.raw is not None:
-            items = list(_length_prefixed(self.raw, self.name))
+            # One more than the shape holds, at most: a body of a million tiny elements under
+            # a shape of one is refused without walking them all.
+            items = list(itertools.islice(_length_prefixed(self.raw, self.name), self.elements + 1))
         else:
             assert self.data is not None
             if not all(isinstance(item, str) for item in self.data):
