@@ -140,16 +140,10 @@ def _check_model_name(value: Any) -> str:
         raise ValueError(_MODEL_NAME)
     # Imported here: only this check needs torchvision's catalogue, and settings.py sits
     # below the model layer.
-    from .models.torchvision_spec import classification_models, closest_models
+    from .models.torchvision_spec import classification_models, model_choices
 
-    models = classification_models()
-    if value not in models:
-        closest = closest_models(value)
-        others = [m for m in models if m not in closest]
-        raise ValueError(
-            f"{_MODEL_NAME} (closest: {', '.join(closest) or 'none'}; the others: "
-            f"{', '.join(others)})"
-        )
+    if value not in classification_models():
+        raise ValueError(f"{_MODEL_NAME} ({model_choices(value)})")
     return value
 
 

@@ -78,9 +78,22 @@ def app_client(aiohttp_client: Any, classifier: ModelRunner) -> Iterator[AppClie
             gate.set()
 
 
-async def saturate(app_client: AppClient, real: ModelRunner, jpeg_form: Any) -> Any:
+async def saturate(
+    app_client: AppClient,
+    real: ModelRunner,
+    jpeg_form: Any = None,
+    send: Callable[[Any], Awaitable[Any]] | None = None,
+) -> Any:
     """A server whose model is held (gate closed) by one request and whose one queue slot
-    is taken by a second; returns the client, the gated model and both pending requests."""
+    is taken by a second; returns the client, the gated model and both pending requests.
+
+    Each request posts ``jpeg_form()`` to /predict, or is ``send(client)``.
+    """
+    if send is None:
+
+        def send(client: Any) -> Awaitable[Any]:
+            return client.post("/predict", data=jpeg_form())
+
     from tests.fakes import SpyRunner
 
     spy = SpyRunner(real)
@@ -90,9 +103,9 @@ async def saturate(app_client: AppClient, real: ModelRunner, jpeg_form: Any) -> 
         batching={"max_batch_size": 1, "max_queue_size": 1, "max_wait_ms": 0.0},
         limits={"max_files_per_request": 1},
     )
-    running = asyncio.create_task(client.post("/predict", data=jpeg_form()))
+    running = asyncio.create_task(send(client))
     await spy.started.wait()  # the first request holds the model
-    queued = asyncio.create_task(client.post("/predict", data=jpeg_form()))
+    queued = asyncio.create_task(send(client))
     batcher = client.app[BATCHER]
     for _ in range(500):  # wait (bounded) until the second request fills the queue slot
         if batcher.queue_size:

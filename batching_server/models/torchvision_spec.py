@@ -28,6 +28,7 @@ __all__ = [
     "UnknownModelError",
     "classification_models",
     "closest_models",
+    "model_choices",
     "torchvision_classifier",
 ]
 
@@ -146,18 +147,21 @@ def closest_models(name: str, count: int = 5) -> list[str]:
     return difflib.get_close_matches(name, classification_models(), n=count, cutoff=0.3)
 
 
+def model_choices(name: str) -> str:
+    """Every valid model name, those closest to ``name`` first, for an error message."""
+    closest = closest_models(name)
+    others = [m for m in classification_models() if m not in closest]
+    return f"closest: {', '.join(closest) or 'none'}; the others: {', '.join(others)}"
+
+
 def torchvision_classifier(name: str) -> TorchvisionClassifier:
     """The spec of torchvision's classification model ``name``.
 
     Raises ``UnknownModelError`` naming the closest valid names for any other name.
     """
-    models = classification_models()
-    if name not in models:
-        closest = closest_models(name)
-        rest = [m for m in models if m not in closest]
+    if name not in classification_models():
         raise UnknownModelError(
-            f"{name!r} is not one of torchvision's classification models; closest: "
-            f"{', '.join(closest) or 'none'}; the others: {', '.join(rest)}"
+            f"{name!r} is not one of torchvision's classification models; {model_choices(name)}"
         )
     return TorchvisionClassifier(
         name=name,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import math
 import struct
@@ -15,10 +14,9 @@ import torch
 from aiohttp import FormData
 
 from batching_server.http.app import create_app
-from batching_server.http.appkeys import BATCHER
 from batching_server.models import RESNET50, ModelRunner
 from batching_server.preprocess import Preprocessor
-from tests.conftest import AppClient, make_settings
+from tests.conftest import AppClient, make_settings, saturate
 from tests.fakes import SpyRunner
 from tests.images import photo_bytes
 
@@ -300,26 +298,13 @@ async def test_a_bad_header_length_is_a_400(app_client: AppClient, length: str) 
 async def test_a_full_queue_says_when_to_retry(
     app_client: AppClient, classifier: ModelRunner
 ) -> None:
-    spy = SpyRunner(classifier)
-    spy.gate.clear()
-    client = await app_client(
-        model=spy,
-        batching={"max_batch_size": 1, "max_queue_size": 1, "max_wait_ms": 0.0},
-        limits={"max_files_per_request": 1},
-    )
     body, headers = image_request([CAT])
-    running = asyncio.create_task(post(client, INFER, body, headers))
-    await spy.started.wait()
-    queued = asyncio.create_task(post(client, INFER, body, headers))
-    batcher = client.app[BATCHER]
-    for _ in range(500):  # bounded: until the second request holds the one queue slot
-        if batcher.queue_size:
-            break
-        await asyncio.sleep(0.01)
-    assert batcher.queue_size == 1
+    client, spy, pending = await saturate(
+        app_client, classifier, send=lambda client: post(client, INFER, body, headers)
+    )
     response = await post(client, INFER, body, headers)
     spy.gate.set()
-    assert [(await r).status for r in (running, queued)] == [200, 200]
+    assert [(await r).status for r in pending] == [200, 200]
     assert response.status == 503
     assert int(response.headers["Retry-After"]) >= 1
     assert list(await response.json()) == ["error"]
