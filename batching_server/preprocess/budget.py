@@ -5,8 +5,6 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 __all__ = ["PixelBudget"]
 
@@ -42,20 +40,27 @@ class PixelBudget:
         with self._changed:
             return len(self._queue)
 
-    def acquire(self, pixels: int) -> int:
-        """Wait until ``pixels`` (at most the whole budget) are free and take them; return them."""
+    def acquire(self, pixels: int, *, timeout_s: float | None = None) -> int:
+        """Wait until ``pixels`` (at most the whole budget) are free and take them; return them.
+
+        Raises ``TimeoutError`` when ``timeout_s`` passes first (at once when it is not
+        positive and the pixels are not free).
+        """
         wanted = max(0, min(pixels, self.pixels))
         with self._changed:
             ticket = next(self._tickets)
             self._queue.append(ticket)
             try:
-                self._changed.wait_for(
-                    lambda: self._queue[0] == ticket and self._held + wanted <= self.pixels
+                granted = self._changed.wait_for(
+                    lambda: self._queue[0] == ticket and self._held + wanted <= self.pixels,
+                    timeout=None if timeout_s is None else max(0.0, timeout_s),
                 )
             finally:
-                # Served, or interrupted while waiting: either way the queue moves on.
+                # Served, timed out or interrupted: either way the queue moves on.
                 self._queue.remove(ticket)
                 self._changed.notify_all()
+            if not granted:
+                raise TimeoutError(f"{wanted} pixels were not free within {timeout_s} s")
             self._held += wanted
             return wanted
 
@@ -64,12 +69,3 @@ class PixelBudget:
         with self._changed:
             self._held -= pixels
             self._changed.notify_all()
-
-    @contextmanager
-    def hold(self, pixels: int) -> Iterator[None]:
-        """Hold ``pixels`` (at most the whole budget) for the duration of the block."""
-        taken = self.acquire(pixels)
-        try:
-            yield
-        finally:
-            self.release(taken)

@@ -51,7 +51,7 @@ class DecodePool:
         # Rejected images are timed too: junk costs decode time as well.
         started = time.perf_counter()
         try:
-            result: torch.Tensor | ServiceError = self.preprocessor(data)
+            result: torch.Tensor | ServiceError = self.preprocessor(data, deadline=deadline)
         except ServiceError as exc:
             result = exc
         return result, time.perf_counter() - started

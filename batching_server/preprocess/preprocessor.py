@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from PIL import Image
 from torch import nn
 
+from ..core.errors import DeadlineExceededError
 from .budget import PixelBudget
 from .decode import DRAFT_MARGIN, decode_image, limit_aspect, load_rgb, open_image
 from .transforms import fast_transform
@@ -56,15 +59,28 @@ class Preprocessor:
             tensor: torch.Tensor = self.transform(image)
             return tensor
 
-    def __call__(self, data: bytes) -> torch.Tensor:
-        """Decode and transform; raises ``BadImageError`` or ``ImageTooLargeError``."""
+    def __call__(self, data: bytes, *, deadline: float | None = None) -> torch.Tensor:
+        """Decode and transform; raises ``BadImageError`` or ``ImageTooLargeError``, and
+        ``DeadlineExceededError`` when ``deadline`` (``time.monotonic()``) passes while the
+        image waits for its share of the pixel budget."""
         image = open_image(data, max_image_pixels=self.max_image_pixels, draft_size=self.draft_size)
         if self.budget is None:
             return self._tensor(image)
+        timeout_s = None if deadline is None else deadline - time.monotonic()
         # Taken from the header's size (after the JPEG draft: what will really be decoded),
         # before any pixel is, and held until the full-size pixels are freed.
-        with self.budget.hold(image.width * image.height):
+        try:
+            taken = self.budget.acquire(image.width * image.height, timeout_s=timeout_s)
+        except TimeoutError:
+            image.close()
+            raise DeadlineExceededError(
+                "the request deadline passed while the image waited for decode memory "
+                "(limits.max_decode_pixels_in_flight)"
+            ) from None
+        try:
             return self._tensor(image)
+        finally:
+            self.budget.release(taken)
 
     def _tensor(self, image: Image.Image) -> torch.Tensor:
         try:

@@ -243,12 +243,12 @@ class GatedPreprocessor:
         self.holding = threading.Event()
         self.calls = 0
 
-    def __call__(self, data: bytes) -> Any:
+    def __call__(self, data: bytes, *, deadline: float | None = None) -> Any:
         self.calls += 1
         if self.calls == 1:
             self.holding.set()
             self.gate.wait(WAIT_S)  # bounded, should the test fail before opening it
-        return self.real(data)
+        return self.real(data, deadline=deadline)
 
 
 async def test_an_image_past_its_deadline_in_the_decode_queue_is_504_and_never_decoded(
@@ -282,7 +282,7 @@ async def test_an_image_past_its_deadline_in_the_decode_queue_is_504_and_never_d
 async def test_the_decode_pool_skips_an_image_whose_deadline_has_passed() -> None:
     calls: list[bytes] = []
 
-    def preprocessor(data: bytes) -> Any:
+    def preprocessor(data: bytes, *, deadline: float | None = None) -> Any:
         calls.append(data)
         return data
 

@@ -6,12 +6,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import pytest
 import torch
 from PIL import Image
 
-from batching_server.core.errors import BadImageError
+from batching_server.core.errors import BadImageError, DeadlineExceededError
 from batching_server.models import RESNET50
 from batching_server.preprocess import Preprocessor
 from batching_server.preprocess.budget import PixelBudget
@@ -123,9 +124,9 @@ def test_a_drafted_jpeg_holds_the_pixels_it_decodes(monkeypatch: pytest.MonkeyPa
     taken: list[int] = []
     acquire = prep.budget.acquire
 
-    def recording(pixels: int) -> int:
+    def recording(pixels: int, *, timeout_s: float | None = None) -> int:
         taken.append(pixels)
-        return acquire(pixels)
+        return acquire(pixels, timeout_s=timeout_s)
 
     monkeypatch.setattr(prep.budget, "acquire", recording)
     prep(encode(photo().resize((2000, 1500)), "JPEG"))
@@ -166,3 +167,36 @@ def test_concurrent_decodes_never_hold_more_than_the_budget(
     assert len(held) == 12
     assert max(held) <= budget.pixels
     assert budget.held == 0
+
+
+def test_a_taker_gives_up_at_its_timeout_and_leaves_the_queue() -> None:
+    budget = PixelBudget(100)
+    budget.acquire(100)
+    with pytest.raises(TimeoutError):
+        budget.acquire(10, timeout_s=0)
+    with pytest.raises(TimeoutError):
+        budget.acquire(10, timeout_s=-1.0)  # a deadline already past
+    assert budget.waiting == 0
+    budget.release(100)
+    assert budget.acquire(10, timeout_s=0) == 10  # free now: no wait needed
+
+
+def test_a_decode_still_waiting_for_its_pixels_at_its_deadline_is_not_decoded() -> None:
+    """The deadline check before a decode starts does not cover its wait for the budget."""
+    prep = budgeted(10_000)
+    prep.budget.acquire(10_000)  # another decode holds the whole budget
+    data = encode(photo(), "PNG")
+    result: Future[Any] = Future()
+
+    def decode() -> None:
+        try:
+            result.set_result(prep(data, deadline=time.monotonic() + 0.05))
+        except Exception as exc:
+            result.set_exception(exc)
+
+    threading.Thread(target=decode, daemon=True).start()
+    with pytest.raises(DeadlineExceededError, match=r"limits\.max_decode_pixels_in_flight"):
+        result.result(timeout=PATIENCE_S)
+    assert prep.budget.waiting == 0
+    prep.budget.release(10_000)
+    assert prep(data, deadline=time.monotonic() + PATIENCE_S).shape == (3, 224, 224)
