@@ -440,8 +440,8 @@ class ModelSettings:
         """A hung pass makes `/ready` and `/health` answer 503 and queued requests fail with 503,
         and the process exits with status 4 so that its supervisor restarts it: a thread stuck in
         native code cannot be stopped. Keep it well above the slowest forward pass of the largest
-        batch. Warm-up passes are watched too, and with `model.compile` the first pass of each
-        shape compiles it: keep it above the longest compile as well, or start-up exits 4.""",
+        batch. Warm-up passes are watched too; with `model.compile` they may run ten times this
+        long, since the first pass of each shape compiles it.""",
     )
 
 

@@ -334,39 +334,57 @@ class _BatcherWhenStarted:
         return batcher.longest_running_s() if batcher is not None else 0.0
 
 
+# With model.compile, a warm-up pass compiles its shape first: seconds to minutes, more on a
+# small or busy machine, with nothing hung. Warm-up passes then get this many times
+# model.stall_timeout_s before they count as hung; serving passes keep the timeout itself.
+COMPILE_WARMUP_ALLOWANCE = 10
+
+
 async def _watchdog_ctx(app: web.Application) -> AsyncIterator[None]:
     readiness = app[READINESS]
-    timeout_s = app[SETTINGS].model.stall_timeout_s
+    model = app[SETTINGS].model
 
-    def on_stall(running_s: float) -> None:
-        # A thread stuck in native code cannot be stopped or replaced safely (it may hold
-        # the OpenMP pool or the GPU), so the process fails fast and its supervisor
-        # restarts it: refuse traffic now, fail what is queued, then exit (see __main__).
-        log.error("model_stalled", running_s=round(running_s, 3), stall_timeout_s=timeout_s)
-        message = (
-            f"the model stalled: a forward pass has run for {running_s:.0f} s; "
-            "the server is restarting"
-        )
-        batcher = app.get(BATCHER)
-        if batcher is not None:  # else the stall is a warm-up pass: nothing is queued
-            batcher.abort(lambda: ModelStalledError(message))
-        readiness.mark_failed(
-            f"model stalled: a forward pass has run for {running_s:.0f} s "
-            f"(model.stall_timeout_s = {timeout_s:g})",
-            exit_code=ExitCode.MODEL_STALLED,
-        )
+    def on_stall(timeout_s: float) -> Callable[[float], None]:
+        def stalled(running_s: float) -> None:
+            # A thread stuck in native code cannot be stopped or replaced safely (it may
+            # hold the OpenMP pool or the GPU), so the process fails fast and its supervisor
+            # restarts it: refuse traffic now, fail what is queued, then exit (see __main__).
+            log.error("model_stalled", running_s=round(running_s, 3), stall_timeout_s=timeout_s)
+            message = (
+                f"the model stalled: a forward pass has run for {running_s:.0f} s; "
+                "the server is restarting"
+            )
+            batcher = app.get(BATCHER)
+            if batcher is not None:  # else the stall is a warm-up pass: nothing is queued
+                batcher.abort(lambda: ModelStalledError(message))
+            readiness.mark_failed(
+                f"model stalled: a forward pass has run for {running_s:.0f} s "
+                f"(limit {timeout_s:g} s, from model.stall_timeout_s)",
+                exit_code=ExitCode.MODEL_STALLED,
+            )
 
-    watchdog = StallWatchdog(
-        _BatcherWhenStarted(app),
-        app[_LIFECYCLE].warmup_passes,
-        stall_timeout_s=timeout_s,
-        on_stall=on_stall,
-    )
-    task = asyncio.create_task(watchdog.run(), name="stall-watchdog")
+        return stalled
+
+    warmup_timeout_s = model.stall_timeout_s * (COMPILE_WARMUP_ALLOWANCE if model.compile else 1)
+    watchdogs = [
+        StallWatchdog(
+            _BatcherWhenStarted(app),
+            stall_timeout_s=model.stall_timeout_s,
+            on_stall=on_stall(model.stall_timeout_s),
+        ),
+        StallWatchdog(
+            app[_LIFECYCLE].warmup_passes,
+            stall_timeout_s=warmup_timeout_s,
+            on_stall=on_stall(warmup_timeout_s),
+        ),
+    ]
+    tasks = [asyncio.create_task(w.run(), name="stall-watchdog") for w in watchdogs]
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def create_metrics_app(app: web.Application) -> web.Application:
