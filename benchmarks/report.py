@@ -54,6 +54,7 @@ BENCHMARK_FILES = (
     "gpu_check.json",
     "gpu_check_compile.json",
     "load_gpu.json",
+    "peers.json",
 )
 REJECTED_FILE = "rejected.json"
 REQUIRED_PROVENANCE = ("command", "commit", "date", "machine")
@@ -516,6 +517,39 @@ def _load_gpu(name: str, data: Json) -> str:
     return _section("Served on a GPU: `benchmarks.load`", intro, name, data, table)
 
 
+_PEER_LABELS = {
+    "ours": "this server, defaults",
+    "ours-compiled": "this server, `compile = true`, batches padded to 1/2/4/8",
+    "litserve": "LitServe 0.2.19, eager",
+    "litserve-compiled": "LitServe 0.2.19, `torch.compile`, batches padded to 1/2/4/8",
+    "naive-fastapi": "naive FastAPI (seed design: one image per pass)",
+}
+
+
+def _peers(name: str, data: Json) -> str:
+    intro = (
+        "This server against its peers with the same model code (seeded random ResNet-50, "
+        "torchvision's transform, channels_last, bf16 autocast where the CPU has it), on the "
+        f"same 500{TIMES}375 JPEG uploads: every server up at once, each loaded in turn per "
+        "round and concurrency in a rotating order while the others are stopped (an idle "
+        "LitServe polls its queues). Throughput is over all rounds; latencies are the median "
+        "round's."
+    )
+    rows = [
+        [
+            _PEER_LABELS.get(str(row["server"]), str(row["server"])),
+            str(row["point"]).replace("c", "", 1),
+            _fmt(row["throughput"], ".1f"),
+            _fmt(row["p50_ms"], ".1f"),
+            _fmt(row["p99_ms"], ".1f"),
+            _fmt(row["errors"], "d"),
+        ]
+        for row in data["summary"]
+    ]
+    table = _table(["server", "concurrency", "images/s", "p50 ms", "p99 ms", "errors"], rows)
+    return _section("Against its peers: `benchmarks.peers`", intro, name, data, table)
+
+
 def _rejected(data: Json) -> str:
     lines = [
         f"- {entry['tried']}: {entry['result']}; see "
@@ -555,6 +589,7 @@ def render_doc(results: Results) -> str:
         _soak("soak.json", results["soak.json"]),
         _gpu(results),
         _load_gpu("load_gpu.json", results["load_gpu.json"]),
+        _peers("peers.json", results["peers.json"]),
         _rejected(results[REJECTED_FILE]),
     ]
     return "\n\n".join(sections) + "\n"
@@ -574,6 +609,7 @@ def render_headline(results: Results) -> str:
     targets = {t["target"]: t for t in results["compare.json"]["targets"]}
     ratio = targets["throughput c=32 vs seed-style"]["measured"]
     bound = targets["throughput c=32 vs pipeline bound"]["measured"]
+    peers = {(r["server"], r["point"]): r["throughput"] for r in results["peers.json"]["summary"]}
     c1 = next(r for r in results["load.json"]["results"] if r.get("concurrency") == 1)
     best = results["model_ceiling.json"]["best"]
     soak = results["soak.json"]["summary"]
@@ -592,6 +628,11 @@ def render_headline(results: Results) -> str:
             "served throughput / pipeline bound at concurrency 32 "
             f"({_machine_tag(results['compare.json'])})",
             f"{bound:.0%}",
+        ],
+        [
+            "this server / LitServe throughput at concurrency 32, both eager "
+            f"({_machine_tag(results['peers.json'])})",
+            f"{peers[('ours', 'c32')] / peers[('litserve', 'c32')]:.2f}{TIMES}",
         ],
         [
             f"p50 latency at concurrency 1 (tuned, {_machine_tag(results['load.json'])})",

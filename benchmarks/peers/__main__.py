@@ -5,7 +5,8 @@ naive FastAPI design (one image per forward pass), all with ``model_code.PeerMod
 run in an environment of their own, made by this script (``benchmarks/.peers-venv``: torch,
 torchvision and Pillow come from this project's environment, the peers' packages are pinned
 here). Every server starts at once and stays up; each takes its turn per round and load
-point, so a drift of the machine's speed touches them all alike.
+point, so a drift of the machine's speed touches them all alike; the others are stopped
+(SIGSTOP) while one is measured, so no idle server's background work tilts the result.
 
     python -m benchmarks.peers --duration 10 --rounds 3
 """
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ OURS_COMPILED = {
     "BATCHING_SERVER_BATCHING__BATCH_SIZES": "[1, 2, 4, 8]",
 }
 SERVERS = ("ours", "ours-compiled", "litserve", "litserve-compiled", "naive-fastapi")
+SETTLE_S = 1.0
 READY_TIMEOUT_S = 1800  # compiling every shape on a small CPU takes minutes
 
 
@@ -128,6 +130,24 @@ def _start(name: str, python: Path, port: int, logs: Path) -> subprocess.Popen[b
         )
 
 
+@contextlib.contextmanager
+def _alone(processes: dict[str, subprocess.Popen[bytes]], name: str) -> Iterator[None]:
+    """Stop every other server (SIGSTOP) while ``name`` is measured.
+
+    Idle servers are not idle everywhere: LitServe's workers poll their queues, and this
+    server's model threads run at a low priority, so another server's background work would
+    tilt the comparison. Stopped, the others cost nothing and keep their state.
+    """
+    others = [p for n, p in processes.items() if n != name]
+    for process in others:
+        os.killpg(process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for process in others:
+            os.killpg(process.pid, signal.SIGCONT)
+
+
 def _free_port() -> int:
     import socket
 
@@ -183,9 +203,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     # A different order each round: no server always follows the same one.
                     order = list(urls)[index % len(urls) :] + list(urls)[: index % len(urls)]
                     for name in order:
-                        result = await _measure(
-                            session, urls[name], bodies, concurrency, args.duration
-                        )
+                        with _alone(processes, name):
+                            # Resumed, a server first closes the keep-alive connections that
+                            # timed out while it was stopped: not in the middle of the run.
+                            await asyncio.sleep(SETTLE_S)
+                            result = await _measure(
+                                session, urls[name], bodies, concurrency, args.duration
+                            )
                         rounds[name].setdefault(f"c{concurrency}", []).append(result)
                         print(
                             f"  round {index + 1} c={concurrency} {name}: "
@@ -195,6 +219,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for process in processes.values():
             with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGCONT)  # a stopped process ignores SIGTERM
                 os.killpg(process.pid, signal.SIGTERM)
         for process in processes.values():
             try:
