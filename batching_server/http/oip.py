@@ -24,7 +24,6 @@ from ..core.errors import (
     DeadlineExceededError,
     ModelNotFoundError,
     NotReadyError,
-    ServiceError,
 )
 from ..models.runner import ImageInput, Prediction
 from ..preprocess.tensors import pixels_from_values
@@ -50,7 +49,7 @@ from .appkeys import (
     SETTINGS,
     TRACER,
 )
-from .predict import decode_upload, request_timeout_s, upload_slot
+from .predict import await_decodes, decode_upload, request_timeout_s, upload_slot
 from .responses import json_response
 from .routes import RouteTable
 from .uploads import Upload
@@ -173,23 +172,12 @@ async def _images(request: web.Request, tensor: InputTensor, deadline: float) ->
         raise BadRequestError(
             f"input 'image' must have the shape [N] or [N, 1], got {list(tensor.shape)}"
         )
-    files = tensor.bytes_elements()
-    tasks = [
-        asyncio.create_task(
-            decode_upload(request, Upload(index=i, filename=None, data=data), deadline)
-        )
-        for i, data in enumerate(files)
+    uploads = [
+        Upload(index=i, filename=None, data=data) for i, data in enumerate(tensor.bytes_elements())
     ]
+    tasks = [asyncio.create_task(decode_upload(request, u, deadline)) for u in uploads]
     try:
-        pixels = []
-        for i, task in enumerate(tasks):
-            try:
-                pixels.append(await task)
-            except ServiceError as exc:
-                if len(files) > 1:
-                    exc.message = f"image {i + 1}: {exc.message}"
-                raise
-        return pixels
+        return await await_decodes(uploads, tasks, deadline, noun="image")
     finally:
         for task in tasks:
             task.cancel()

@@ -37,6 +37,7 @@ from .uploads import Upload, read_uploads
 
 __all__ = [
     "DEADLINE_HEADER",
+    "await_decodes",
     "decode_upload",
     "predict",
     "request_timeout_s",
@@ -102,6 +103,29 @@ async def decode_upload(request: web.Request, upload: Upload, deadline: float) -
     return result
 
 
+async def await_decodes(
+    uploads: list[Upload], tasks: list[asyncio.Task[Any]], deadline: float, *, noun: str
+) -> list[Any]:
+    """Each upload's model input, in order, by ``deadline`` (else 504); a failing one's error
+    names it (``noun`` and number) when the request holds several."""
+    pixels = []
+    try:
+        async with asyncio.timeout(deadline - time.monotonic()):
+            for upload, task in zip(uploads, tasks, strict=True):
+                try:
+                    pixels.append(await task)
+                except ServiceError as exc:
+                    if len(uploads) > 1:
+                        name = f" ({upload.filename})" if upload.filename else ""
+                        exc.message = f"{noun} {upload.index + 1}{name}: {exc.message}"
+                    raise
+    except TimeoutError:
+        raise DeadlineExceededError(
+            "the request deadline passed before its images were decoded"
+        ) from None
+    return pixels
+
+
 async def _read_and_decode(request: web.Request, deadline: float) -> list[Any]:
     """Model inputs for every ``file`` part, in order; decoding starts as each part arrives.
 
@@ -129,22 +153,7 @@ async def _read_and_decode(request: web.Request, deadline: float) -> list[Any]:
                 "the request deadline passed before the whole request body arrived "
                 "(batching.request_timeout_s, or a shorter X-Request-Timeout)"
             ) from None
-        pixels = []
-        try:
-            async with asyncio.timeout(deadline - time.monotonic()):
-                for upload, task in zip(uploads, tasks, strict=True):
-                    try:
-                        pixels.append(await task)
-                    except ServiceError as exc:
-                        if len(uploads) > 1:
-                            name = f" ({upload.filename})" if upload.filename else ""
-                            exc.message = f"file {upload.index + 1}{name}: {exc.message}"
-                        raise
-        except TimeoutError:
-            raise DeadlineExceededError(
-                "the request deadline passed before its images were decoded"
-            ) from None
-        return pixels
+        return await await_decodes(uploads, tasks, deadline, noun="file")
     finally:
         # A bad part or a gone client: decodes not yet started need not run.
         for task in tasks:
