@@ -86,9 +86,8 @@ def _shown(raw: str) -> str:
     return repr(raw) if len(raw) <= 40 else f"{raw[:40]!r}... ({len(raw)} characters)"
 
 
-async def decode_upload(request: web.Request, upload: Upload, deadline: float) -> Any:
+async def decode_upload(app: web.Application, upload: Upload, deadline: float) -> Any:
     """The model input for one upload, decoded in the pool and timed (a span and a metric)."""
-    app = request.app
     with app[TRACER].start_as_current_span(
         "image.preprocess",
         attributes={"image.index": upload.index, "image.bytes": len(upload.data)},
@@ -147,7 +146,7 @@ async def _read_and_decode(request: web.Request, deadline: float) -> list[Any]:
                 ):
                     uploads.append(upload)
                     request[IMAGE_COUNT] = len(uploads)
-                    tasks.append(asyncio.create_task(decode_upload(request, upload, deadline)))
+                    tasks.append(asyncio.create_task(decode_upload(request.app, upload, deadline)))
         except TimeoutError:
             raise RequestTimeoutError(
                 "the request deadline passed before the whole request body arrived "
@@ -163,9 +162,9 @@ async def _read_and_decode(request: web.Request, deadline: float) -> list[Any]:
 
 
 @contextlib.asynccontextmanager
-async def upload_slot(request: web.Request, timeout_s: float) -> AsyncIterator[None]:
+async def upload_slot(app: web.Application, timeout_s: float) -> AsyncIterator[None]:
     """Hold one of ``limits.max_concurrent_uploads`` while reading and decoding."""
-    slots = request.app[UPLOAD_SLOTS]
+    slots = app[UPLOAD_SLOTS]
     try:
         async with asyncio.timeout(timeout_s):
             await slots.acquire()
@@ -205,7 +204,7 @@ async def predict(request: web.Request) -> web.Response:
     batcher = app[BATCHER]
     # Until its images are queued, this request may still join a partial batch.
     with batcher.expecting():
-        async with upload_slot(request, timeout_s):
+        async with upload_slot(app, timeout_s):
             pixels = await _read_and_decode(request, started + timeout_s)
     remaining = timeout_s - (time.monotonic() - started)
     if remaining <= 0:

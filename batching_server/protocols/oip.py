@@ -26,6 +26,7 @@ __all__ = [
     "classification_strings",
     "encode_response",
     "parse_infer_request",
+    "raw_contents",
 ]
 
 INFERENCE_HEADER = "Inference-Header-Content-Length"
@@ -54,7 +55,8 @@ class InputTensor:
         return math.prod(self.shape)
 
     def bytes_elements(self) -> list[bytes]:
-        """The elements of a BYTES tensor: length-prefixed in binary, strings in JSON."""
+        """The elements of a BYTES tensor: length-prefixed in binary, strings in JSON, bytes in
+        gRPC's typed contents."""
         if self.datatype != "BYTES":
             raise ProtocolError(f"input {self.name!r} must be BYTES, got {self.datatype}")
         if self.raw is not None:
@@ -63,9 +65,12 @@ class InputTensor:
             items = list(itertools.islice(_length_prefixed(self.raw, self.name), self.elements + 1))
         else:
             assert self.data is not None
-            if not all(isinstance(item, str) for item in self.data):
+            if all(isinstance(item, bytes) for item in self.data):  # gRPC's bytes_contents
+                items = list(self.data)
+            elif all(isinstance(item, str) for item in self.data):  # JSON strings
+                items = [item.encode("utf-8", "surrogateescape") for item in self.data]
+            else:
                 raise ProtocolError(f"input {self.name!r}: BYTES elements must be strings")
-            items = [item.encode("utf-8", "surrogateescape") for item in self.data]
         if len(items) != self.elements:
             raise ProtocolError(
                 f"input {self.name!r} has {len(items)} elements, its shape "
@@ -262,6 +267,11 @@ def _bytes_raw(items: Sequence[str]) -> bytes:
     return b"".join(parts)
 
 
+def raw_contents(output: OutputTensor) -> bytes:
+    """An output's bytes in binary: little-endian numbers, or length-prefixed BYTES elements."""
+    return output.raw if output.datatype != "BYTES" else _bytes_raw(output.data)
+
+
 def encode_response(
     *, model_name: str, model_version: str, request_id: str | None, outputs: Sequence[OutputTensor]
 ) -> tuple[bytes, int | None]:
@@ -274,7 +284,7 @@ def encode_response(
             "shape": list(output.shape),
         }
         if output.binary:
-            raw = output.raw if output.datatype != "BYTES" else _bytes_raw(output.data)
+            raw = raw_contents(output)
             entry["parameters"] = {"binary_data_size": len(raw)}
             binary.append(raw)
         else:
