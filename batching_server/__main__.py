@@ -17,6 +17,7 @@ from aiohttp import web
 from . import __version__
 from .core.errors import BatcherClosedError, ModelLoadError
 from .core.readiness import ExitCode
+from .grpc.server import GrpcListenError, add_grpc_server
 from .http.app import create_app, create_metrics_app
 from .http.appkeys import BATCHER, READINESS
 from .observability.logs import configure_logging
@@ -140,7 +141,14 @@ async def serve(settings: Settings) -> int:
         # A hand-built AppRunner keeps idle connections for about an hour; see the setting.
         keepalive_timeout=settings.server.keepalive_timeout_s,
     )
-    await runner.setup()  # loads the model: a ModelLoadError surfaces here
+    if settings.oip.grpc_port:
+        add_grpc_server(app)
+    try:
+        await runner.setup()  # loads the model: a ModelLoadError surfaces here
+    except GrpcListenError as exc:
+        log.error("cannot_listen", error=str(exc))
+        await runner.cleanup()  # what setup started (the model threads, the pools)
+        return ExitCode.BAD_SETTINGS
     readiness = app[READINESS]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

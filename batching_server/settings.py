@@ -26,6 +26,7 @@ __all__ = [
     "LoggingSettings",
     "MetricsSettings",
     "ModelSettings",
+    "OipSettings",
     "PreprocessSettings",
     "ServerSettings",
     "Settings",
@@ -526,6 +527,24 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OipSettings:
+    """The Open Inference Protocol's gRPC endpoint (its REST routes are on the API port)."""
+
+    grpc_port: int = _setting(
+        8001,
+        _integer(0, 65535),
+        "TCP port of the Open Inference Protocol over gRPC (0: no gRPC endpoint)",
+        """Triton's port for gRPC, so that tritonclient.grpc and perf_analyzer find it where
+        they look by default. It feeds the same batcher as /predict and the REST routes, and
+        auth.api_keys protects it the same way. Must differ from server.port and
+        metrics.port.""",
+    )
+    grpc_host: str = _setting(
+        "", _host_or_empty, "Interface of the gRPC port (empty: the same as server.host)"
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AuthSettings:
     """Who may call the protected routes."""
 
@@ -621,6 +640,7 @@ class Settings:
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     preprocess: PreprocessSettings = field(default_factory=PreprocessSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    oip: OipSettings = field(default_factory=OipSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
@@ -683,6 +703,16 @@ def _metrics_port_is_its_own(settings: Settings) -> str | None:
     return (
         f"metrics.port ({settings.metrics.port}) must differ from server.port, or "
         "be 0 to serve /metrics on the API port"
+    )
+
+
+def _grpc_port_is_its_own(settings: Settings) -> str | None:
+    port = settings.oip.grpc_port
+    if not port or port not in (settings.server.port, settings.metrics.port):
+        return None
+    return (
+        f"oip.grpc_port ({port}) must differ from server.port and metrics.port, "
+        "or be 0 to serve no gRPC endpoint"
     )
 
 
@@ -776,6 +806,11 @@ CROSS_KEY_RULES = (
         frozenset({"metrics.port", "server.port"}),
         "`metrics.port` must differ from `server.port`; 0 serves /metrics on the API port instead.",
         _metrics_port_is_its_own,
+    ),
+    CrossKeyRule(
+        frozenset({"oip.grpc_port", "server.port", "metrics.port"}),
+        "`oip.grpc_port` must differ from `server.port` and `metrics.port`; 0 turns gRPC off.",
+        _grpc_port_is_its_own,
     ),
     CrossKeyRule(
         frozenset({"limits.max_files_per_request", "batching.max_queue_size"}),

@@ -123,7 +123,8 @@ async def started_server(
 ) -> AsyncIterator[Server]:
     """Like server_process, but yields the URL with the server's process id."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHING_SERVER_")}
-    env.update(settings_env({"model": {"weights": "random"}}))
+    # No gRPC port unless the run asks for one: 8001 may be taken on a shared machine.
+    env.update(settings_env({"model": {"weights": "random"}, "oip": {"grpc_port": 0}}))
     env.update(settings_env(settings))
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "batching_server", "--host", "127.0.0.1", "--port", "0",

@@ -33,6 +33,9 @@ def make_settings(**sections: dict[str, Any]) -> Settings:
         # One forward pass at a time: gated-model tests hold the only batch slot. How the
         # cores are shared out among several passes has its own tests (test_threads.py).
         "batching": {"max_batch_size": 8, "max_wait_ms": 5.0, "max_concurrent_batches": 1},
+        # No gRPC port: tests run side by side, and 8001 may be taken (tests/grpc/ bind their
+        # own, free one).
+        "oip": {"grpc_port": 0},
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)

@@ -42,6 +42,8 @@ def cli_env(tmp_path: Path, **variables: str) -> dict[str, str]:
         "NO_PROXY": "",
         "no_proxy": "",
         "PYTHONUNBUFFERED": "1",
+        # No gRPC port unless a test asks: servers run side by side, and 8001 may be taken.
+        "BATCHING_SERVER_OIP__GRPC_PORT": "0",
     }
     return env | {f"BATCHING_SERVER_{k}": v for k, v in variables.items()}
 

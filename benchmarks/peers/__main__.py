@@ -87,6 +87,7 @@ def _probe(name: str) -> str:
 def _command(name: str, python: Path, port: int) -> tuple[list[str], dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHING_SERVER_")}
     env["BATCHING_SERVER_MODEL__WEIGHTS"] = "random"
+    env["BATCHING_SERVER_OIP__GRPC_PORT"] = "0"  # the peers are compared over HTTP only
     if name.startswith("ours"):
         if name == "ours-compiled":
             env.update(OURS_COMPILED)
