@@ -148,6 +148,7 @@ async def serve(settings: Settings) -> int:
     except GrpcListenError as exc:
         log.error("cannot_listen", error=str(exc))
         await runner.cleanup()  # what setup started (the model threads, the pools)
+        log.info("stopped", exit_code=int(ExitCode.BAD_SETTINGS))
         return ExitCode.BAD_SETTINGS
     readiness = app[READINESS]
     loop = asyncio.get_running_loop()

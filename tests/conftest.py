@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from batching_server.grpc.server import add_grpc_server
 from batching_server.http.app import create_app
 from batching_server.http.appkeys import BATCHER, READINESS
 from batching_server.models import ModelRunner, load_runner
@@ -61,6 +62,7 @@ def app_client(aiohttp_client: Any, classifier: ModelRunner) -> Iterator[AppClie
         *,
         model: Any = None,
         tracer_provider: Any = None,
+        grpc: bool = False,
         **sections: dict[str, Any],
     ) -> Any:
         models.append(model)
@@ -69,6 +71,8 @@ def app_client(aiohttp_client: Any, classifier: ModelRunner) -> Iterator[AppClie
             runner=model or classifier,
             tracer_provider=tracer_provider,
         )
+        if grpc:  # the gRPC endpoint too, on a free port: app[GRPC_SERVER].port
+            add_grpc_server(app, port=0)
         client = await aiohttp_client(app)
         await app[READINESS].wait_ready()
         return client
@@ -86,6 +90,8 @@ async def saturate(
     real: ModelRunner,
     jpeg_form: Any = None,
     send: Callable[[Any], Awaitable[Any]] | None = None,
+    *,
+    grpc: bool = False,
 ) -> Any:
     """A server whose model is held (gate closed) by one request and whose one queue slot
     is taken by a second; returns the client, the gated model and both pending requests.
@@ -103,6 +109,7 @@ async def saturate(
     spy.gate.clear()
     client = await app_client(
         model=spy,
+        grpc=grpc,
         batching={"max_batch_size": 1, "max_queue_size": 1, "max_wait_ms": 0.0},
         limits={"max_files_per_request": 1},
     )

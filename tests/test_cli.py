@@ -465,6 +465,32 @@ def test_an_address_that_cannot_be_bound_exits_2_naming_it_and_the_fix(tmp_path:
 
 
 @pytest.mark.slow
+def test_a_grpc_port_in_use_exits_2_naming_it_and_the_fix(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(
+            tmp_path,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            MODEL__NAME="resnet18",
+            MODEL__WEIGHTS="random",
+            MODEL__WARMUP="false",
+            OIP__GRPC_PORT=str(port),
+        )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    events = json_lines(result.stdout)
+    failed = next(e for e in events if e["event"] == "cannot_listen")
+    assert failed["error"].startswith(f"cannot listen for gRPC on 127.0.0.1:{port} (")
+    assert "set oip.grpc_port to a free port" in failed["error"]
+    assert events[-1] == {**events[-1], "event": "stopped", "exit_code": 2}
+
+
+@pytest.mark.slow
 def test_hung_warmup_pass_exits_4(tmp_path: Path) -> None:
     server = serve_random(
         tmp_path,
