@@ -308,3 +308,40 @@ async def test_a_full_queue_says_when_to_retry(
     assert response.status == 503
     assert int(response.headers["Retry-After"]) >= 1
     assert list(await response.json()) == ["error"]
+
+
+async def test_model_configuration_as_triton_describes_it(app_client: AppClient) -> None:
+    client = await app_client(
+        batching={"max_wait_ms": 2.0, "batch_sizes": [1, 2, 4, 8]},
+        limits={"max_files_per_request": 16},
+    )
+    for path in ("/v2/models/resnet50/config", "/v2/models/resnet50/versions/1/config"):
+        response = await client.get(path)
+        assert response.status == 200
+        config = await response.json()
+        assert (config["name"], config["platform"]) == ("resnet50", "pytorch_libtorch")
+        assert config["max_batch_size"] == 16  # images per request: the batch dimension
+        assert config["input"] == [
+            {"name": "image", "data_type": "TYPE_STRING", "format": "FORMAT_NONE", "dims": [1]},
+            {
+                "name": "pixels",
+                "data_type": "TYPE_FP32",
+                "format": "FORMAT_NCHW",
+                "dims": [3, 224, 224],
+            },
+        ]
+        (output,) = config["output"]
+        assert (output["name"], output["data_type"], output["dims"]) == (
+            "probabilities",
+            "TYPE_FP32",
+            [1000],
+        )
+        assert config["dynamic_batching"] == {
+            "max_queue_delay_microseconds": 2000,
+            "preferred_batch_size": [1, 2, 4, 8],
+        }
+    assert "model_configuration" in (await (await client.get("/v2")).json())["extensions"]
+    for path in ("/v2/models/resnet18/config", "/v2/models/resnet50/versions/2/config"):
+        response = await client.get(path)
+        assert response.status == 404
+        assert list(await response.json()) == ["error"]
