@@ -1,9 +1,14 @@
-"""HTTP load: real multipart JPEG uploads, closed-loop and open-loop (Poisson), over loopback.
+"""Load: real JPEG uploads, closed-loop and open-loop (Poisson), over loopback.
 
-Reports throughput, latency percentiles, errors, and from the server's own /metrics the batch
-sizes it formed and how long its event loop was ever blocked.
+Each image goes as ``--protocol``: ``predict`` (multipart to /predict), ``oip-rest`` (the
+Open Inference Protocol's binary tensors, as tritonclient.http sends them) or ``oip-grpc``
+(``ModelInfer`` with raw_input_contents, as tritonclient.grpc sends them), so one script
+compares the three on the same server. Reports throughput, latency percentiles, errors, and
+from the server's own /metrics the batch sizes it formed and how long its event loop was ever
+blocked.
 
     python -m benchmarks.load --concurrency 1,4,16,64 --rates 10,30 --duration 15
+    python -m benchmarks.load --protocol oip-grpc --concurrency 1,2,4,8,16,32,64
 """
 
 from __future__ import annotations
@@ -11,15 +16,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import socket
+import struct
 import time
 import tomllib
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
+import grpc
 
+from batching_server.grpc.proto import grpc_predict_v2_pb2 as pb
+from batching_server.grpc.proto import grpc_predict_v2_pb2_grpc as services
 from benchmarks._common import (
     RESULTS,
     counter_delta,
@@ -46,21 +57,106 @@ TUNED: dict[str, dict[str, Any]] = {
 MAX_OPEN_LOOP_IN_FLIGHT = 2000  # an overloaded server must not make the client unbounded
 
 
+class Client(Protocol):
+    """How one image is sent: its request built once, ahead of the run, then sent as is."""
+
+    name: str
+
+    def prepare(self, jpeg: bytes) -> Any: ...
+
+    async def send(self, session: aiohttp.ClientSession, url: str, body: Any) -> str:
+        """Send one prepared request; "200" when answered, else what went wrong."""
+        ...
+
+
+class PredictClient:
+    """A multipart upload to /predict."""
+
+    name = "predict"
+
+    def prepare(self, jpeg: bytes) -> tuple[bytes, str]:
+        return multipart(jpeg)
+
+    async def send(self, session: aiohttp.ClientSession, url: str, body: tuple[bytes, str]) -> str:
+        async with session.post(
+            f"{url}/predict", data=body[0], headers={"Content-Type": body[1]}
+        ) as response:
+            await response.read()
+            return str(response.status)
+
+
+class OipRestClient:
+    """``POST /v2/models/{model}/infer`` with the image as a binary BYTES tensor."""
+
+    name = "oip-rest"
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+    def prepare(self, jpeg: bytes) -> tuple[bytes, dict[str, str]]:
+        tensor = struct.pack("<I", len(jpeg)) + jpeg
+        header = (
+            '{"inputs":[{"name":"image","datatype":"BYTES","shape":[1],'
+            f'"parameters":{{"binary_data_size":{len(tensor)}}}}}],'
+            '"outputs":[{"name":"probabilities","parameters":{"classification":1}}]}'
+        ).encode()
+        return header + tensor, {"Inference-Header-Content-Length": str(len(header))}
+
+    async def send(
+        self, session: aiohttp.ClientSession, url: str, body: tuple[bytes, dict[str, str]]
+    ) -> str:
+        async with session.post(
+            f"{url}/v2/models/{self.model}/infer", data=body[0], headers=body[1]
+        ) as response:
+            await response.read()
+            return str(response.status)
+
+
+class OipGrpcClient:
+    """``ModelInfer`` with the image in raw_input_contents, on one channel (HTTP/2 streams)."""
+
+    name = "oip-grpc"
+
+    def __init__(self, model: str, target: str) -> None:
+        self.model = model
+        self.target = target
+        self._stub: Any = None
+
+    def prepare(self, jpeg: bytes) -> pb.ModelInferRequest:
+        request = pb.ModelInferRequest(model_name=self.model)
+        request.inputs.add(name="image", datatype="BYTES", shape=[1])
+        output = request.outputs.add(name="probabilities")
+        output.parameters["classification"].int64_param = 1
+        request.raw_input_contents.append(struct.pack("<I", len(jpeg)) + jpeg)
+        return request
+
+    async def send(
+        self, session: aiohttp.ClientSession, url: str, body: pb.ModelInferRequest
+    ) -> str:
+        if self._stub is None:  # made on the running loop, as grpc.aio needs
+            channel = grpc.aio.insecure_channel(
+                self.target, options=[("grpc.max_receive_message_length", -1)]
+            )
+            self._stub = services.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            await self._stub.ModelInfer(body, timeout=120)
+        except grpc.aio.AioRpcError as exc:
+            return str(exc.code().name)
+        return "200"
+
+
 class Recorder:
     """Latencies of successful requests and a count of every status."""
 
-    def __init__(self) -> None:
+    def __init__(self, client: Client | None = None) -> None:
+        self.client: Client = client or PredictClient()
         self.latencies_s: list[float] = []
         self.statuses: Counter[str] = Counter()
 
-    async def send(self, session: aiohttp.ClientSession, url: str, body: tuple[bytes, str]) -> None:
+    async def send(self, session: aiohttp.ClientSession, url: str, body: Any) -> None:
         started = time.perf_counter()
         try:
-            async with session.post(
-                f"{url}/predict", data=body[0], headers={"Content-Type": body[1]}
-            ) as response:
-                await response.read()
-                status = str(response.status)
+            status = await self.client.send(session, url, body)
         except (aiohttp.ClientError, TimeoutError) as exc:
             status = type(exc).__name__
         self.statuses[status] += 1
@@ -123,14 +219,16 @@ async def measure(
     rate: float | None = None,
     duration_s: float,
     pid: int | None = None,
+    client: Client | None = None,
 ) -> dict[str, Any]:
     """One load point; returns client-side and server-side figures.
 
-    With the server's ``pid`` (a server on this machine), also the share of the run its
-    event loop spent waiting for a CPU.
+    ``bodies`` are ``client``'s prepared requests (default: /predict uploads). With the
+    server's ``pid`` (a server on this machine), also the share of the run its event loop
+    spent waiting for a CPU.
     """
     require_loopback(url)
-    recorder = Recorder()
+    recorder = Recorder(client)
     timeout = aiohttp.ClientTimeout(total=120)
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
@@ -145,7 +243,15 @@ async def measure(
         elapsed = time.perf_counter() - started
         waited_after = thread_cpu_wait_s(pid) if pid else None
         after = await scrape(session, url)
-    result = summarise(recorder, elapsed, before, after, concurrency=concurrency, rate=rate)
+    result = summarise(
+        recorder,
+        elapsed,
+        before,
+        after,
+        protocol=recorder.client.name,
+        concurrency=concurrency,
+        rate=rate,
+    )
     if waited_before is not None and waited_after is not None:
         result["loop_cpu_wait_share"] = (waited_after - waited_before) / elapsed
     return result
@@ -227,31 +333,73 @@ def row(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def _model_name(url: str) -> str:
+    """The served model's name, from the server's index (``GET /``)."""
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/") as response:
+        index = await response.json()
+    return str(index["model"]["name"])
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    bodies = [multipart(jpeg) for jpeg in sample_jpegs()]
+    jpegs = sample_jpegs()
     points: list[dict[str, Any]] = [{"concurrency": c} for c in args.concurrency]
     points += [{"rate": r} for r in args.rates]
     results = []
 
-    async def drive(url: str, pid: int | None = None) -> None:
+    async def drive(url: str, grpc_target: str, pid: int | None = None) -> None:
+        client: Client = PredictClient()
+        if args.protocol == "oip-rest":
+            client = OipRestClient(await _model_name(url))
+        elif args.protocol == "oip-grpc":
+            client = OipGrpcClient(await _model_name(url), grpc_target)
+        bodies = [client.prepare(jpeg) for jpeg in jpegs]
         # One short untimed run first: connection set-up and first-touch costs.
-        await measure(url, bodies, concurrency=2, duration_s=2)
+        await measure(url, bodies, concurrency=2, duration_s=2, client=client)
         for point in points:
-            result = await measure(url, bodies, duration_s=args.duration, pid=pid, **point)
+            result = await measure(
+                url, bodies, duration_s=args.duration, pid=pid, client=client, **point
+            )
             results.append(result)
             print(f"  {row(result)['point']}: {result['throughput']:.1f} images/s", flush=True)
 
     if args.url:
-        await drive(args.url)
+        host = urlsplit(args.url).hostname
+        await drive(args.url, args.grpc_target or f"{host}:8001")
     else:
-        async with started_server(args.settings) as server:
-            await drive(server.url, server.pid)
-    return {"machine": machine(), "server": args.url or args.settings, "results": results}
+        settings = args.settings
+        grpc_port = 0
+        if args.protocol == "oip-grpc":
+            grpc_port = _free_port()
+            settings = with_overrides(settings, [f"oip.grpc_port={grpc_port}"])
+        async with started_server(settings) as server:
+            await drive(server.url, f"127.0.0.1:{grpc_port}", server.pid)
+    return {
+        "machine": machine(),
+        "server": args.url or args.settings,
+        "protocol": args.protocol,
+        "results": results,
+    }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="an already running server on loopback (default: start one)")
+    parser.add_argument(
+        "--protocol",
+        choices=["predict", "oip-rest", "oip-grpc"],
+        default="predict",
+        help="how each image is sent (default: predict)",
+    )
+    parser.add_argument(
+        "--grpc-target",
+        help="with --url and --protocol oip-grpc: the server's gRPC host:port (default: :8001)",
+    )
     parser.add_argument("--concurrency", type=_ints, default=[1, 4, 16, 64])
     parser.add_argument("--rates", type=_floats, default=[], help="open-loop arrivals per second")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per point")
