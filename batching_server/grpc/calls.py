@@ -73,8 +73,12 @@ def record_call(
         seconds=seconds,
         error_type=error_type,
     )
+    if status == 499:
+        event = "request_cancelled"  # as HTTP logs a client that went away before its answer
+    else:
+        event = "request_failed" if error_type else "request_completed"
     log.info(
-        "request_failed" if error_type else "request_completed",
+        event,
         request_id=call.request_id,
         method=METHOD_LABEL,
         route=call.path,
