@@ -94,6 +94,8 @@ async def test_every_registered_route_is_declared_and_listed_on_the_index(
         "GET /v2/models/{model}/versions/{version}",
         "GET /v2/models/{model}/ready",
         "GET /v2/models/{model}/versions/{version}/ready",
+        "GET /v2/models/{model}/config",
+        "GET /v2/models/{model}/versions/{version}/config",
         "POST /v2/models/{model}/infer",
         "POST /v2/models/{model}/versions/{version}/infer",
     }
