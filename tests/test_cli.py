@@ -25,6 +25,7 @@ from batching_server import __version__
 from tests.images import photo_bytes
 
 TIMEOUT_S = 60
+TRITON_GRPC_CLIENT = Path(__file__).resolve().parent / "grpc" / "triton_grpc_client.py"
 
 
 def cli_env(tmp_path: Path, **variables: str) -> dict[str, str]:
@@ -307,6 +308,41 @@ def test_serve_predict_and_stop_on_sigterm(tmp_path: Path) -> None:
     assert completed["event"] == "request_completed"
     assert completed["request_id"] == "cli-test-1"
     assert completed["status"] == 200
+
+
+@pytest.mark.slow
+def test_a_real_server_serves_tritonclient_grpc_and_drains(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        grpc_port = probe.getsockname()[1]
+    image = tmp_path / "cat.jpg"
+    image.write_bytes(photo_bytes("chelsea.png"))
+    server = serve_random(tmp_path, MODEL__WARMUP="false", OIP__GRPC_PORT=str(grpc_port))
+    try:
+        grpc_listening, lines = server.wait_for("grpc_listening")
+        assert (grpc_listening["host"], grpc_listening["port"]) == ("127.0.0.1", grpc_port)
+        listening, more = server.wait_for("listening")
+        lines += more
+        wait_until_ready(f"http://127.0.0.1:{listening['port']}")
+        # tritonclient.grpc in a process of its own (see tests/grpc/triton_grpc_client.py).
+        arguments = {"url": f"127.0.0.1:{grpc_port}", "scenario": "one", "images": [str(image)]}
+        client = subprocess.run(
+            [sys.executable, str(TRITON_GRPC_CLIENT), json.dumps(arguments)],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+            check=True,
+        )
+        assert json.loads(client.stdout) == {"failure": None}
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+        lines += server.rest()
+    finally:
+        server.close()
+    events = json_lines("".join(lines))
+    (call,) = [e for e in events if e.get("route") == "/inference.GRPCInferenceService/ModelInfer"]
+    assert (call["event"], call["grpc_status"], call["images"]) == ("request_completed", "OK", 1)
+    assert [e["event"] for e in events][-2:] == ["shutting_down", "stopped"]
 
 
 def in_flight(base: str) -> float:
