@@ -427,3 +427,23 @@ async def test_a_grpc_port_in_use_fails_setup_naming_it(classifier: ModelRunner)
                 await runner.setup()
         finally:
             await runner.cleanup()
+
+
+async def test_too_large_is_resource_exhausted_whichever_limit_refuses_it(
+    app_client: AppClient,
+) -> None:
+    client = await app_client(
+        grpc=True, limits={"max_upload_bytes": 200_000, "max_image_pixels": 10_000}
+    )
+    async with stub_for(client) as stub:
+        for request in [
+            image_request([b"\0" * 300_000]),  # over the message size: gRPC's own refusal
+            image_request([CAT]),  # a photo over limits.max_image_pixels: ours
+        ]:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.ModelInfer(request)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    samples = await scrape(client)
+    assert value(
+        samples, "http_errors_total", method="POST", endpoint=INFER, error_type="image_too_large"
+    ) == (1)
