@@ -263,6 +263,7 @@ class InferenceServicer:
 
 
 class _Unimplemented(ServiceError):
-    # 501 on REST, UNIMPLEMENTED on gRPC (see status.py).
-    status = 501
+    # The client's mistake, not the server's: counted as a 4xx (like REST's 405 for a method
+    # a path lacks), so it burns no error budget; UNIMPLEMENTED on gRPC (see status.py).
+    status = 405
     error_type = "not_implemented"

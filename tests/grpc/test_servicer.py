@@ -97,6 +97,9 @@ async def test_health_metadata_and_unknown_models(app_client: AppClient) -> None
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="resnet18"))
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    samples = await scrape(client)
+    load = "/inference.GRPCInferenceService/RepositoryModelLoad"
+    assert value(samples, "http_requests_total", method="POST", endpoint=load, status="4xx") == 1
 
 
 async def test_raw_and_typed_tensors_agree_with_rest_and_predict(app_client: AppClient) -> None:
