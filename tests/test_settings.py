@@ -173,6 +173,8 @@ def test_environment_problems_are_reported_together(monkeypatch: pytest.MonkeyPa
         pytest.param("model", "device", "tpu", "one of 'auto', 'cpu', 'cuda'", id="device"),
         pytest.param("server", "host", "my host", "without spaces", id="host"),
         pytest.param("metrics", "host", " ", "without spaces", id="metrics-host"),
+        pytest.param("oip", "grpc_port", -1, "an integer from 0 to 65535, got -1", id="grpc-port"),
+        pytest.param("oip", "grpc_host", " ", "without spaces", id="grpc-host"),
         pytest.param("model", "stall_timeout_s", -1, "a number from 0 to 86400", id="stall"),
         pytest.param("model", "weights", "", "state_dict file, got ''", id="no-weights"),
         pytest.param("logging", "level", "LOUD", "got 'LOUD'", id="level"),
@@ -206,6 +208,16 @@ def test_section_that_is_not_a_table() -> None:
             {"server": {"port": 9000}, "metrics": {"port": 9000}},
             "metrics.port (9000) must differ from server.port",
             id="metrics-on-the-api-port",
+        ),
+        pytest.param(
+            {"server": {"port": 8001}},
+            "oip.grpc_port (8001) must differ from server.port and metrics.port",
+            id="api-on-the-grpc-port",
+        ),
+        pytest.param(
+            {"metrics": {"port": 9464}, "oip": {"grpc_port": 9464}},
+            "oip.grpc_port (9464) must differ from server.port and metrics.port",
+            id="grpc-on-the-metrics-port",
         ),
         pytest.param(
             {"batching": {"max_batch_size": 256, "max_queue_size": 256}},
