@@ -534,10 +534,9 @@ class OipSettings:
         8001,
         _integer(0, 65535),
         "TCP port of the Open Inference Protocol over gRPC (0: no gRPC endpoint)",
-        """Triton's port for gRPC, so that tritonclient.grpc and perf_analyzer find it where
-        they look by default. It feeds the same batcher as /predict and the REST routes, and
-        auth.api_keys protects it the same way. Must differ from server.port and
-        metrics.port.""",
+        """Triton's port for gRPC, where Triton's client examples expect it. It feeds the
+        same batcher as /predict and the REST routes, and auth.api_keys protects it the same
+        way. Must differ from server.port and metrics.port.""",
     )
     grpc_host: str = _setting(
         "", _host_or_empty, "Interface of the gRPC port (empty: the same as server.host)"
