@@ -29,7 +29,7 @@ from unittest import mock
 import torch
 from torch import nn
 
-from batching_server.core.batcher import BatchInfo
+from batching_server.core.batcher import BatchInfo, ItemFailed
 from batching_server.core.shapes import padded_size, warmup_sizes
 from batching_server.models import ImageInput, ModelRunner, Prediction, load_runner
 from batching_server.observability.logs import configure_logging
@@ -184,7 +184,7 @@ def _inputs(pixels: torch.Tensor, tag: str, rows: bool) -> list[ImageInput]:
 
 async def _predict_together(
     classifier: ModelRunner, batches: Sequence[torch.Tensor], rows: bool
-) -> list[list[Prediction]]:
+) -> list[list[Prediction | ItemFailed]]:
     """Every batch through ``predict_batch`` at once, as the batcher dispatches them."""
     now = time.monotonic()
     calls = [
@@ -197,9 +197,10 @@ async def _predict_together(
     return await asyncio.gather(*calls)
 
 
-def _probabilities(predictions: Sequence[Prediction]) -> torch.Tensor:
+def _probabilities(predictions: Sequence[Prediction | ItemFailed]) -> torch.Tensor:
     """The whole probability vectors the predictions carry, as one (N, classes) tensor."""
-    rows = [p.probabilities for p in predictions]
+    assert all(isinstance(p, Prediction) for p in predictions), "an image failed"
+    rows = [p.probabilities for p in predictions if isinstance(p, Prediction)]
     assert all(row is not None for row in rows), "predictions made without their rows"
     return torch.stack(
         [torch.frombuffer(bytearray(row or b""), dtype=torch.float32) for row in rows]
