@@ -142,16 +142,18 @@ class ModelRunner:
         self, items: Sequence[ImageInput], threads: int | None
     ) -> list[Prediction | ItemFailed]:
         started = time.perf_counter()
+        # Decoded, stacked and run on this thread's stream, in that order: on CUDA, work on
+        # another stream could still be writing the decoded images when the pass reads them.
         with self.forward_pass.on_stream():
             pixels = self._pixels(items)
-        live = [i for i, p in enumerate(pixels) if isinstance(p, torch.Tensor)]
-        results: list[Prediction | ItemFailed] = [
-            ItemFailed(p) for p in pixels if isinstance(p, ServiceError)
-        ]
-        if not live:  # every image of the batch was refused: no pass to run
-            return results
-        batch = self.forward_pass.stack([p for p in pixels if isinstance(p, torch.Tensor)])
-        probabilities = self.forward(batch, threads=threads)
+            live = [i for i, p in enumerate(pixels) if isinstance(p, torch.Tensor)]
+            results: list[Prediction | ItemFailed] = [
+                ItemFailed(p) for p in pixels if isinstance(p, ServiceError)
+            ]
+            if not live:  # every image of the batch was refused: no pass to run
+                return results
+            batch = self.forward_pass.stack([p for p in pixels if isinstance(p, torch.Tensor)])
+            probabilities = self.forward(batch, threads=threads)
         if (compiles := self.compiles_after_warmup) > self._compiles_logged:
             self._log_compiles(compiles, len(items), threads)
         # Runs in the model thread, inside the caller's context: this lands on the batch span.

@@ -123,3 +123,20 @@ async def test_with_preprocess_device_cpu_no_jpeg_reaches_the_device(
     client = await app_client(preprocess={"device": "cpu"})
     assert (await client.post("/predict", data=form(JPEG))).status == 200
     assert classifier.device_preprocessor is None
+
+
+async def test_a_batch_of_only_refused_files_runs_no_pass(
+    app_client: AppClient, device_runner: ModelRunner
+) -> None:
+    passes: list[int] = []
+    forward = device_runner.forward
+
+    def counted(pixels: torch.Tensor, *, threads: int | None = None) -> torch.Tensor:
+        passes.append(pixels.shape[0])
+        return forward(pixels, threads=threads)
+
+    device_runner.forward = counted  # type: ignore[method-assign]
+    client = await app_client(model=device_runner, preprocess={"device": "model"})
+    response = await client.post("/predict", data=form(CORRUPT))
+    assert response.status == 400
+    assert passes == []
