@@ -517,8 +517,10 @@ class PreprocessSettings:
         (nvJPEG on CUDA), then resizes, crops and normalises them there. Other formats, and
         progressive or CMYK JPEGs, are decoded on the CPU as with `cpu` and join the same batch.
         A JPEG the device cannot decode is retried on the CPU, and a corrupt one is answered
-        400 alone. `auto` is `model` when the model runs on CUDA, `cpu` otherwise. Models whose
-        transform is not a resize-crop-normalise always preprocess on the CPU.""",
+        400 alone. `auto` is `model` when the model runs on CUDA, `cpu` otherwise. On a CPU,
+        `model` runs the same path with libjpeg-turbo in the model thread, full-size (no JPEG
+        draft): for tests, not for speed. Models whose transform is not a resize-crop-normalise
+        always preprocess on the CPU.""",
     )
     device_max_pixels: int = _setting(
         0,
