@@ -17,6 +17,7 @@ from batching_server.models.loading import device_preprocessor
 from batching_server.preprocess import EncodedJpeg, Preprocessor
 from tests.conftest import AppClient, make_settings
 from tests.fakes import SpyRunner
+from tests.http.test_oip import image_request, infer
 from tests.images import encode, photo, photo_bytes
 
 JPEG = photo_bytes()
@@ -140,3 +141,18 @@ async def test_a_batch_of_only_refused_files_runs_no_pass(
     response = await client.post("/predict", data=form(CORRUPT))
     assert response.status == 400
     assert passes == []
+
+
+async def test_open_inference_protocol_images_take_the_device_path(
+    app_client: AppClient, device_runner: ModelRunner
+) -> None:
+    recording: Any = device_runner.device_preprocessor
+    client = await app_client(model=device_runner, preprocess={"device": "model"})
+    body, headers = image_request([JPEG, PNG])
+    response, payload, _binary = await infer(client, body, headers)
+    assert response.status == 200, payload
+    assert recording.calls == [1]  # the JPEG; the PNG came decoded
+    body, headers = image_request([CORRUPT])
+    response, payload, _binary = await infer(client, body, headers)
+    assert response.status == 400
+    assert "corrupt or truncated" in payload["error"]
