@@ -147,11 +147,11 @@ class ModelRunner:
         with self.forward_pass.on_stream():
             pixels = self._pixels(items)
             live = [i for i, p in enumerate(pixels) if isinstance(p, torch.Tensor)]
-            results: list[Prediction | ItemFailed] = [
+            refusals: list[Prediction | ItemFailed] = [
                 ItemFailed(p) for p in pixels if isinstance(p, ServiceError)
             ]
             if not live:  # every image of the batch was refused: no pass to run
-                return results
+                return refusals
             batch = self.forward_pass.stack([p for p in pixels if isinstance(p, torch.Tensor)])
             probabilities = self.forward(batch, threads=threads)
         if (compiles := self.compiles_after_warmup) > self._compiles_logged:
@@ -177,9 +177,9 @@ class ModelRunner:
             return list(predictions)
         # Refused images keep their places: the batcher answers each item by position.
         merged: list[Prediction | ItemFailed] = []
-        answers, refusals = iter(predictions), iter(results)
+        answers, refused = iter(predictions), iter(refusals)
         for p in pixels:
-            merged.append(next(answers) if isinstance(p, torch.Tensor) else next(refusals))
+            merged.append(next(answers) if isinstance(p, torch.Tensor) else next(refused))
         return merged
 
     def _pixels(self, items: Sequence[ImageInput]) -> list[torch.Tensor | ServiceError]:
