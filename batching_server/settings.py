@@ -508,6 +508,31 @@ class PreprocessSettings:
         level of the reference. `false` gives torchvision's output bit for bit.""",
     )
     threads: int = _setting(0, _integer(0, 256), "Decode threads (0: one per available core)")
+    device: str = _setting(
+        "auto",
+        _choice("auto", "cpu", "model"),
+        "Where JPEGs are decoded and transformed: on the CPU, or on the model's device",
+        """`model`: the HTTP side checks each upload's header (format, pixel limit, EXIF
+        orientation) without decoding it, and queues baseline RGB or greyscale JPEGs still
+        encoded; the model thread decodes each batch's JPEGs in one call on the model's device
+        (nvJPEG on CUDA), then resizes, crops and normalises them there. Other formats, and
+        progressive or CMYK JPEGs, are decoded on the CPU as with `cpu` and join the same batch.
+        A JPEG the device cannot decode is retried on the CPU, and a corrupt one is answered
+        400 alone. `auto` is `model` when the model runs on CUDA, `cpu` otherwise. On a CPU,
+        `model` runs the same path with libjpeg-turbo in the model thread, full-size (no JPEG
+        draft): for tests, not for speed. Models whose transform is not a resize-crop-normalise
+        always preprocess on the CPU.""",
+    )
+    device_max_pixels: int = _setting(
+        0,
+        _integer(0, 10_000_000_000),
+        "Pixels one device decode call may produce (0: from the device's free memory)",
+        """With `preprocess.device = model`, a batch's JPEGs are decoded in chunks of at most this
+        many pixels, so a batch of large photos cannot exhaust the device's memory; an image over
+        it decodes alone. Auto takes half of the device's free memory at 22 bytes per pixel (the
+        decoded image, the decoder's own planes, and the float copy that is resized); on the CPU
+        it is `limits.max_decode_pixels_in_flight`.""",
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -171,6 +171,7 @@ class SpyRunner:
         self.name = real.name
         self.precision = real.precision
         self.forward_pass = real.forward_pass
+        self.device_preprocessor = real.device_preprocessor
         self.batch_sizes: list[int] = []
         self.gate = asyncio.Event()
         self.gate.set()

@@ -32,6 +32,7 @@ __all__ = [
     "BatcherObserver",
     "DispatchReason",
     "DropReason",
+    "ItemFailed",
     "plan_batch",
 ]
 
@@ -174,13 +175,25 @@ def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
         future.set_exception(exc)
 
 
-BatchFunction = Callable[[Sequence[T], BatchInfo], Awaitable[Sequence[R]]]
+@dataclass(frozen=True, slots=True)
+class ItemFailed:
+    """A batch function's result for one item that failed alone: its caller gets ``error``.
+
+    The rest of the batch is unaffected (a corrupt image found only when the model's device
+    decodes it, say); an exception raised by the batch function still fails every item.
+    """
+
+    error: ServiceError
+
+
+BatchFunction = Callable[[Sequence[T], BatchInfo], Awaitable[Sequence[R | ItemFailed]]]
 
 
 class Batcher(Generic[T, R]):
     """Groups submitted items into batches and runs ``batch_fn`` once per batch.
 
-    ``batch_fn`` gets the items in submission order and must return one result per item.
+    ``batch_fn`` gets the items in submission order and must return one result per item,
+    or an ``ItemFailed`` for an item that failed on its own.
     """
 
     def __init__(
@@ -552,6 +565,9 @@ class Batcher(Generic[T, R]):
             previous = self._seconds_per_item
             self._seconds_per_item = per_item if previous == 0 else 0.8 * previous + 0.2 * per_item
             for p, result in zip(live, results, strict=True):
-                _resolve(p.future, result)
+                if isinstance(result, ItemFailed):
+                    _fail(p.future, result.error)
+                else:
+                    _resolve(p.future, result)
         finally:
             self._observer.on_batch_done(info, self._clock() - started, error)

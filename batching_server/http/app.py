@@ -218,8 +218,13 @@ def _model_ctx(
                 batching=settings.batching,
                 spec=app[MODEL_SPEC],
                 niceness=_niceness(app, MODEL_NICENESS),
+                preprocess=settings.preprocess,
+                limits=settings.limits,
             )
         app[RUNNER] = runner
+        # The runner decides (preprocess.device): JPEGs stay encoded only for a runner that
+        # can decode them. Set before readiness, so before any upload is decoded.
+        app[DECODE_POOL].preprocessor.keep_jpegs_encoded = runner.device_preprocessor is not None
         app[METRICS].describe_model(
             weights=settings.model.weights,
             device=str(runner.device),

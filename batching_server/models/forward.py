@@ -88,15 +88,10 @@ class ForwardPass:
             if padded > size:
                 padding = pixels.new_zeros(padded - size, *pixels.shape[1:])
                 pixels = torch.cat([pixels, padding.contiguous(memory_format=self.memory_format)])
-            stream: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-            if self.device.type == "cuda":
-                # Page-locked memory lets the copy overlap with work already on the GPU, and
-                # a stream per model thread lets one batch's copy run beside another's
-                # kernels: on the shared default stream, two model threads only queue behind
-                # each other.
+            if self.device.type == "cuda" and pixels.device.type == "cpu":
+                # Page-locked memory lets the copy overlap with work already on the GPU.
                 pixels = pixels.pin_memory()
-                stream = torch.cuda.stream(self._thread_stream())
-            with stream, autocast(self.precision, self.device):
+            with self.on_stream(), autocast(self.precision, self.device):
                 batch = pixels.to(self.device, non_blocking=True)
                 # A no-op for the preprocessor's images, which come channels-last already.
                 batch = batch.contiguous(memory_format=self.memory_format)
@@ -105,6 +100,17 @@ class ForwardPass:
                 logits = self._run(batch)[:size]
                 return torch.softmax(logits.float(), dim=1).cpu()
 
+    def on_stream(self) -> contextlib.AbstractContextManager[Any]:
+        """The calling model thread's own CUDA stream as the current one (on a CPU: nothing).
+
+        A stream per model thread lets one batch's copy run beside another's kernels: on the
+        shared default stream, two model threads only queue behind each other. Work on a
+        batch before its pass (the device's decodes) runs on it too, so the pass sees it done.
+        """
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.cuda.stream(self._thread_stream())
+
     def _thread_stream(self) -> torch.cuda.Stream:
         stream: torch.cuda.Stream | None = getattr(self._local, "stream", None)
         if stream is None:
@@ -112,8 +118,14 @@ class ForwardPass:
         return stream
 
     def stack(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """One batch of (3, H, W) images, in the model's memory layout."""
+        """One batch of (3, H, W) images, in the model's memory layout.
+
+        Images on the CPU make a batch on the CPU (the pass copies it over); where any image
+        is on the model's device already (decoded there), the batch is made there.
+        """
         with torch.inference_mode():
+            if any(image.device != images[0].device for image in images):
+                images = [image.to(self.device) for image in images]
             if len(images) == 1:
                 # A lone image needs no copy when it is in the model's layout already (the
                 # preprocessor's are): a batch of one is a view of it. Its batch stride is the
@@ -127,5 +139,9 @@ class ForwardPass:
                     return single
             # Stacked straight into the model's layout: the preprocessor's images are
             # channels-last already, so this is the only copy.
-            batch = torch.empty((len(images), *images[0].shape), memory_format=self.memory_format)
+            batch = torch.empty(
+                (len(images), *images[0].shape),
+                device=images[0].device,
+                memory_format=self.memory_format,
+            )
             return torch.stack(images, out=batch)

@@ -9,15 +9,23 @@ import torch
 
 from ..core.errors import ModelLoadError
 from ..core.shapes import warmup_sizes
-from ..settings import BatchingSettings, ModelSettings
+from ..preprocess.preprocessor import Preprocessor
+from ..preprocess.transforms import resize_crop_normalize
+from ..settings import BatchingSettings, LimitsSettings, ModelSettings, PreprocessSettings
 from .acceleration import choose_precision
+from .device_preprocess import (
+    DevicePreprocessor,
+    cuda_free_bytes,
+    device_preprocess_enabled,
+    memory_pixel_budget,
+)
 from .forward import ForwardPass
 from .runner import ModelRunner, solo_pass_pays
 from .spec import ModelSpec
 from .threads import available_cores, plan_threads
 from .torchvision_spec import RESNET50
 
-__all__ = ["load_runner", "resolve_device"]
+__all__ = ["device_preprocessor", "load_runner", "resolve_device"]
 
 log = structlog.get_logger(__name__)
 
@@ -44,18 +52,58 @@ def _set_interop_threads(count: int) -> None:
             log.warning("interop_threads_not_applied", requested=count, error=str(exc))
 
 
+def device_preprocessor(
+    settings: ModelSettings,
+    device: torch.device,
+    *,
+    spec: ModelSpec,
+    preprocess: PreprocessSettings,
+    limits: LimitsSettings,
+) -> DevicePreprocessor | None:
+    """The model thread's JPEG decoder and transform when ``preprocess.device`` puts them on
+    the model's device; None when every image is preprocessed on the CPU."""
+    transform = spec.transform(settings.weights)
+    numbers = resize_crop_normalize(transform)
+    if numbers is None or not device_preprocess_enabled(preprocess.device, device, transform):
+        return None
+    if preprocess.device_max_pixels:
+        fixed = preprocess.device_max_pixels
+        budget = lambda: fixed  # noqa: E731
+    elif device.type == "cuda":
+        budget = memory_pixel_budget(cuda_free_bytes(device))
+    else:
+        # On the CPU, device memory is the decode pool's memory: the same bound holds.
+        cpu_budget = limits.max_decode_pixels_in_flight
+        budget = lambda: cpu_budget  # noqa: E731
+    # A JPEG the device refuses is decoded as the decode pool would have decoded it.
+    fallback = Preprocessor(
+        transform=transform,
+        max_image_pixels=limits.max_image_pixels,
+        jpeg_draft=preprocess.jpeg_draft,
+        fast_resize=preprocess.fast_resize,
+    )
+    return DevicePreprocessor(
+        numbers=numbers, device=device, fallback=fallback, pixel_budget=budget
+    )
+
+
 def load_runner(
     settings: ModelSettings,
     *,
     batching: BatchingSettings | None = None,
     spec: ModelSpec = RESNET50,
     niceness: int = 0,
+    preprocess: PreprocessSettings | None = None,
+    limits: LimitsSettings | None = None,
 ) -> ModelRunner:
     """Load ``spec``'s model as ``settings`` say; raises ``ModelLoadError`` with the fix.
 
     ``niceness`` is added to the model threads' nice value (``server.low_priority_workers``).
+    ``preprocess`` and ``limits`` set up the device-side preprocessing (``preprocess.device``).
     """
     batching = batching or BatchingSettings()
+    preprocess = preprocess or PreprocessSettings()
+    limits = limits or LimitsSettings()
     device = resolve_device(settings.device)
     precision, why = choose_precision(settings.precision, device)
     if device.type == "cpu" and precision == "fp16":
@@ -89,6 +137,9 @@ def load_runner(
         threads=threads,
         input_size=spec.input_size(settings.weights),
         niceness=niceness,
+        device_preprocessor=device_preprocessor(
+            settings, device, spec=spec, preprocess=preprocess, limits=limits
+        ),
     )
     log.info(
         "model_loaded",
@@ -104,5 +155,6 @@ def load_runner(
         solo_threads=threads.solo_threads,
         load_seconds=round(time.perf_counter() - started, 3),
         parameter_bytes=forward_pass.parameter_bytes,
+        preprocess_device="model" if runner.device_preprocessor else "cpu",
     )
     return runner

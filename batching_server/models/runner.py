@@ -21,9 +21,12 @@ import torch
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext
 
-from ..core.batcher import BatchInfo
+from ..core.batcher import BatchInfo, ItemFailed
+from ..core.errors import ServiceError
 from ..core.shapes import padded_size
+from ..preprocess.encoded import EncodedJpeg
 from .acceleration import compiled_graphs
+from .device_preprocess import DevicePreprocessor
 from .forward import ForwardPass
 from .threads import ThreadPlan, configure_worker_thread
 
@@ -39,7 +42,8 @@ Ranked = list[tuple[str, float]]
 class ImageInput:
     """One preprocessed image on its way through the batcher."""
 
-    pixels: torch.Tensor  # (3, H, W) float32, normalised
+    # (3, H, W) float32, normalised; or a checked JPEG the model's device decodes
+    pixels: torch.Tensor | EncodedJpeg
     request_id: str
     span_context: SpanContext | None = None  # the request's span, linked from the batch span
     top_k: int = 1  # how many ranked labels to send back
@@ -77,8 +81,13 @@ class ModelRunner:
         threads: ThreadPlan,
         input_size: int = 224,
         niceness: int = 0,
+        device_preprocessor: DevicePreprocessor | None = None,
     ) -> None:
         self.name = name
+        # Decodes the batch's still-encoded JPEGs (preprocess.device = model); None: every
+        # image arrives as a tensor.
+        self.device_preprocessor = device_preprocessor
+        self._device_warmed = False
         self.weights = weights  # as model.weights named them
         self.labels = tuple(labels)
         self.forward_pass = forward_pass
@@ -129,10 +138,22 @@ class ModelRunner:
         """
         return self.forward_pass.forward(pixels, threads=threads or self.threads.threads)
 
-    def _forward_inputs(self, items: Sequence[ImageInput], threads: int | None) -> list[Prediction]:
+    def _forward_inputs(
+        self, items: Sequence[ImageInput], threads: int | None
+    ) -> list[Prediction | ItemFailed]:
         started = time.perf_counter()
-        batch = self.forward_pass.stack([item.pixels for item in items])
-        probabilities = self.forward(batch, threads=threads)
+        # Decoded, stacked and run on this thread's stream, in that order: on CUDA, work on
+        # another stream could still be writing the decoded images when the pass reads them.
+        with self.forward_pass.on_stream():
+            pixels = self._pixels(items)
+            live = [i for i, p in enumerate(pixels) if isinstance(p, torch.Tensor)]
+            refusals: list[Prediction | ItemFailed] = [
+                ItemFailed(p) for p in pixels if isinstance(p, ServiceError)
+            ]
+            if not live:  # every image of the batch was refused: no pass to run
+                return refusals
+            batch = self.forward_pass.stack([p for p in pixels if isinstance(p, torch.Tensor)])
+            probabilities = self.forward(batch, threads=threads)
         if (compiles := self.compiles_after_warmup) > self._compiles_logged:
             self._log_compiles(compiles, len(items), threads)
         # Runs in the model thread, inside the caller's context: this lands on the batch span.
@@ -147,11 +168,39 @@ class ModelRunner:
         # Ranked here, once per batch, so the event loop gets plain lists and bytes and makes
         # no torch call: each one releases the GIL, and taking it back can cost the loop a
         # switch interval while decode threads hold it.
-        return self.predictions(
+        predictions = self.predictions(
             probabilities,
-            [item.top_k for item in items],
-            [item.probabilities for item in items],
+            [items[i].top_k for i in live],
+            [items[i].probabilities for i in live],
         )
+        if len(live) == len(items):
+            return list(predictions)
+        # Refused images keep their places: the batcher answers each item by position.
+        merged: list[Prediction | ItemFailed] = []
+        answers, refused = iter(predictions), iter(refusals)
+        for p in pixels:
+            merged.append(next(answers) if isinstance(p, torch.Tensor) else next(refused))
+        return merged
+
+    def _pixels(self, items: Sequence[ImageInput]) -> list[torch.Tensor | ServiceError]:
+        """Each item's tensor; still-encoded JPEGs are decoded on the device, all at once."""
+        encoded = [item.pixels for item in items if isinstance(item.pixels, EncodedJpeg)]
+        if not encoded:
+            return [item.pixels for item in items if isinstance(item.pixels, torch.Tensor)]
+        if self.device_preprocessor is None:
+            raise RuntimeError(
+                "an encoded JPEG reached a runner without a device preprocessor: the decode "
+                "pool and the model disagree on preprocess.device"
+            )
+        started = time.perf_counter()
+        decoded = iter(self.device_preprocessor(encoded))
+        trace.get_current_span().add_event(
+            "device_preprocess",
+            {"images": len(encoded), "seconds": time.perf_counter() - started},
+        )
+        return [
+            next(decoded) if isinstance(item.pixels, EncodedJpeg) else item.pixels for item in items
+        ]
 
     @property
     def compiles_after_warmup(self) -> int:
@@ -172,8 +221,11 @@ class ModelRunner:
             torch_threads=threads or self.threads.threads,
         )
 
-    async def predict_batch(self, items: Sequence[ImageInput], info: BatchInfo) -> list[Prediction]:
-        """Run one forward pass for a batch; each item's prediction."""
+    async def predict_batch(
+        self, items: Sequence[ImageInput], info: BatchInfo
+    ) -> list[Prediction | ItemFailed]:
+        """Run one forward pass for a batch; each item's prediction, or its own failure (an
+        image the device could not decode, nor the CPU after it)."""
         # Executors do not carry contextvars over; the active span must reach the model
         # thread, so run the call inside a copy of this context.
         context = contextvars.copy_context()
@@ -219,9 +271,18 @@ class ModelRunner:
                 raise
             future.add_done_callback(self._pass_ended)
             await asyncio.wrap_future(future)
+        if self.device_preprocessor is not None and not self._device_warmed:
+            # Once, whichever batch sizes each call warms: the decoder's set-up is per process.
+            await asyncio.wrap_future(self._executor.submit(self._warm_up_device_preprocessor))
+            self._device_warmed = True
         if self.forward_pass.compiled:
             self._graphs_at_warmup = compiled_graphs()
         return time.perf_counter() - started
+
+    def _warm_up_device_preprocessor(self) -> None:
+        if self.device_preprocessor is not None:
+            with self.forward_pass.on_stream():
+                self.device_preprocessor.warm_up()
 
     def predictions(
         self,

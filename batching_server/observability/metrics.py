@@ -128,7 +128,8 @@ class ServiceMetrics:
         )
         self.preprocess_duration = Histogram(
             "image_preprocess_duration_seconds",
-            "Time to decode and transform one image, in the preprocessing pool.",
+            "Time to decode and transform one image in the preprocessing pool (for a JPEG left "
+            "to the model's device, to check its header).",
             registry=r,
             buckets=PREPROCESS_BUCKETS,
         )

@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler, TraceIdRatioBased
 
 from .. import __version__
-from ..core.batcher import BatchFunction, BatchInfo
+from ..core.batcher import BatchFunction, BatchInfo, ItemFailed
 from ..settings import TracingSettings
 
 __all__ = [
@@ -216,7 +216,7 @@ def traced_batch_function(
 ) -> BatchFunction[Item, R]:
     """Wrap ``batch_fn`` in a batch span linked to each request, and log one line per batch."""
 
-    async def run(items: Sequence[Item], info: BatchInfo) -> Sequence[R]:
+    async def run(items: Sequence[Item], info: BatchInfo) -> Sequence[R | ItemFailed]:
         links = [
             trace.Link(item.span_context)
             for item in items

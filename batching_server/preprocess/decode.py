@@ -23,6 +23,7 @@ __all__ = [
     "MAX_ASPECT",
     "PEAK_BYTES_PER_PIXEL",
     "TIFF_COMPRESSIONS",
+    "apply_draft",
     "decode_image",
     "limit_aspect",
     "load_rgb",
@@ -123,13 +124,19 @@ def open_image(data: bytes, *, max_image_pixels: int, draft_size: int | None) ->
         raise BadImageError(f"the image has no pixels ({width}x{height})")
     if isinstance(image, TiffImagePlugin.TiffImageFile):
         _check_tiff(image)
-    if draft_size is not None and image.format == "JPEG":
+    if draft_size is not None:
+        apply_draft(image, draft_size)
+    return image
+
+
+def apply_draft(image: Image.Image, draft_size: int) -> None:
+    """Have a JPEG decode at the smallest DCT scale that keeps ``draft_size``; others as is."""
+    if image.format == "JPEG":
         # Decode in the DCT domain at 1/2, 1/4 or 1/8 scale: a 12-megapixel photo then costs
         # its entropy decoding and little else. The short side stays at least
         # DRAFT_MARGIN x the resize size, so the antialiased resize that follows still
         # smooths, and the tensor stays within a tested bound of the full decode.
         image.draft("RGB", (draft_size, draft_size))
-    return image
 
 
 def load_rgb(image: Image.Image) -> Image.Image:

@@ -10,12 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..core.errors import DeadlineExceededError, ServiceError
+from .encoded import EncodedJpeg
 from .preprocessor import Preprocessor
 
 __all__ = ["DecodePool", "Decoded"]
 
-Decoded = tuple[torch.Tensor | ServiceError, float]
-"""The tensor (or the client's error) and the seconds the decode took."""
+Decoded = tuple[torch.Tensor | EncodedJpeg | ServiceError, float]
+"""The tensor (or the checked, still encoded JPEG, or the client's error) and the seconds the
+decode took."""
 
 
 class DecodePool:
@@ -51,7 +53,9 @@ class DecodePool:
         # Rejected images are timed too: junk costs decode time as well.
         started = time.perf_counter()
         try:
-            result: torch.Tensor | ServiceError = self.preprocessor(data, deadline=deadline)
+            result: torch.Tensor | EncodedJpeg | ServiceError = self.preprocessor.prepare(
+                data, deadline=deadline
+            )
         except ServiceError as exc:
             result = exc
         return result, time.perf_counter() - started

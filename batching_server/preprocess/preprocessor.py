@@ -10,7 +10,8 @@ from torch import nn
 
 from ..core.errors import DeadlineExceededError
 from .budget import PixelBudget
-from .decode import DRAFT_MARGIN, decode_image, limit_aspect, load_rgb, open_image
+from .decode import DRAFT_MARGIN, apply_draft, decode_image, limit_aspect, load_rgb, open_image
+from .encoded import EncodedJpeg, encoded_jpeg
 from .transforms import fast_transform
 
 __all__ = ["Preprocessor"]
@@ -21,7 +22,9 @@ class Preprocessor:
 
     ``transform`` is the weights' own (torchvision's ``weights.transforms()``); where it is
     the usual resize-crop-normalise, a faster twin runs instead (``fast_resize``). Its calls
-    share a budget of ``max_pixels_in_flight`` decoded pixels (None: no budget).
+    share a budget of ``max_pixels_in_flight`` decoded pixels (None: no budget). With
+    ``keep_jpegs_encoded`` (``preprocess.device = model``), a JPEG the device decoder takes
+    is only checked, and returned still encoded, for the model's device to decode.
     """
 
     def __init__(
@@ -32,8 +35,10 @@ class Preprocessor:
         jpeg_draft: bool = True,
         fast_resize: bool = True,
         max_pixels_in_flight: int | None = None,
+        keep_jpegs_encoded: bool = False,
     ) -> None:
         self.transform = transform
+        self.keep_jpegs_encoded = keep_jpegs_encoded
         self.max_image_pixels = max_image_pixels
         self.budget = PixelBudget(max_pixels_in_flight) if max_pixels_in_flight else None
         resize_size: list[int] = getattr(transform, "resize_size", [])
@@ -59,11 +64,30 @@ class Preprocessor:
             tensor: torch.Tensor = self.transform(image)
             return tensor
 
+    def prepare(self, data: bytes, *, deadline: float | None = None) -> torch.Tensor | EncodedJpeg:
+        """The model input: with ``keep_jpegs_encoded``, a JPEG the device decoder takes comes
+        back checked (header, pixel limit, EXIF orientation) and still encoded; anything else
+        as ``__call__`` makes it."""
+        if not self.keep_jpegs_encoded:
+            return self(data, deadline=deadline)
+        # Opened without the draft, which would shrink the size the device must decode.
+        image = open_image(data, max_image_pixels=self.max_image_pixels, draft_size=None)
+        encoded = encoded_jpeg(image, data)
+        if encoded is not None:
+            image.close()
+            return encoded
+        if self.draft_size is not None:
+            apply_draft(image, self.draft_size)
+        return self._budgeted(image, deadline)
+
     def __call__(self, data: bytes, *, deadline: float | None = None) -> torch.Tensor:
         """Decode and transform; raises ``BadImageError`` or ``ImageTooLargeError``, and
         ``DeadlineExceededError`` when ``deadline`` (``time.monotonic()``) passes while the
         image waits for its share of the pixel budget."""
         image = open_image(data, max_image_pixels=self.max_image_pixels, draft_size=self.draft_size)
+        return self._budgeted(image, deadline)
+
+    def _budgeted(self, image: Image.Image, deadline: float | None) -> torch.Tensor:
         if self.budget is None:
             return self._tensor(image)
         timeout_s = None if deadline is None else deadline - time.monotonic()

@@ -7,6 +7,8 @@ fewer, cheaper steps (``python -m benchmarks.preprocess`` compares them).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -14,7 +16,17 @@ from torch import nn
 
 from .pixels import pixels_rgbx
 
-__all__ = ["FastTransform", "fast_transform"]
+__all__ = ["FastTransform", "ResizeCropNormalize", "fast_transform", "resize_crop_normalize"]
+
+
+@dataclass(frozen=True, slots=True)
+class ResizeCropNormalize:
+    """torchvision's classification transform in numbers: what the fast paths reproduce."""
+
+    resize: int  # the short side after the (bilinear, antialiased) resize
+    crop: int  # the side of the centre crop
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
 
 
 class FastTransform:
@@ -67,8 +79,9 @@ class FastTransform:
         return rows.permute(2, 0, 1)
 
 
-def fast_transform(transform: nn.Module) -> FastTransform | None:
-    """The fast equivalent of ``transform``, or None where there is none."""
+def resize_crop_normalize(transform: nn.Module) -> ResizeCropNormalize | None:
+    """``transform``'s numbers when it is the usual bilinear, antialiased resize-crop-normalise
+    (torchvision's ``ImageClassification``), or None where it is anything else."""
     resize: list[int] = getattr(transform, "resize_size", [])
     crop: list[int] = getattr(transform, "crop_size", [])
     mean: list[float] = getattr(transform, "mean", [])
@@ -85,4 +98,19 @@ def fast_transform(transform: nn.Module) -> FastTransform | None:
         or not getattr(transform, "antialias", False)
     ):
         return None
-    return FastTransform(resize=resize[0], crop=crop[0], mean=mean, std=std)
+    return ResizeCropNormalize(
+        resize=resize[0],
+        crop=crop[0],
+        mean=(mean[0], mean[1], mean[2]),
+        std=(std[0], std[1], std[2]),
+    )
+
+
+def fast_transform(transform: nn.Module) -> FastTransform | None:
+    """The fast equivalent of ``transform``, or None where there is none."""
+    numbers = resize_crop_normalize(transform)
+    if numbers is None:
+        return None
+    return FastTransform(
+        resize=numbers.resize, crop=numbers.crop, mean=list(numbers.mean), std=list(numbers.std)
+    )

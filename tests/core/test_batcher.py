@@ -7,14 +7,15 @@ timeouts and a fake clock, so no test depends on how fast this machine is.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
 import structlog.testing
 
-from batching_server.core.batcher import Batcher, BatchPlan, plan_batch
+from batching_server.core.batcher import Batcher, BatchInfo, BatchPlan, ItemFailed, plan_batch
 from batching_server.core.errors import (
+    BadImageError,
     BatcherClosedError,
     DeadlineExceededError,
     InferenceError,
@@ -379,6 +380,22 @@ async def test_forward_error_fails_only_its_batch_and_hides_details() -> None:
     assert isinstance(results[0].__cause__, RuntimeError)
     assert await asyncio.gather(*spawn(batcher, 5, 6, 7, 8)) == [50, 60, 70, 80]
     await batcher.close()
+
+
+async def test_an_item_that_fails_alone_fails_only_its_caller(
+    observer: RecordingObserver,
+) -> None:
+    async def model(items: Sequence[int], info: BatchInfo) -> list[int | ItemFailed]:
+        return [ItemFailed(BadImageError(f"item {i}")) if i == 2 else i * 10 for i in items]
+
+    batcher = make(model, observer=observer)
+    results = await asyncio.gather(*spawn(batcher, 1, 2, 3, 4), return_exceptions=True)
+    assert results[0] == 10
+    assert results[2:] == [30, 40]
+    assert isinstance(results[1], BadImageError)
+    assert results[1].message == "item 2"
+    await batcher.close()
+    assert observer.done[0][1] is None  # the batch itself succeeded
 
 
 async def test_wrong_result_count_fails_every_caller_in_the_batch(

@@ -243,12 +243,12 @@ class GatedPreprocessor:
         self.holding = threading.Event()
         self.calls = 0
 
-    def __call__(self, data: bytes, *, deadline: float | None = None) -> Any:
+    def prepare(self, data: bytes, *, deadline: float | None = None) -> Any:
         self.calls += 1
         if self.calls == 1:
             self.holding.set()
             self.gate.wait(WAIT_S)  # bounded, should the test fail before opening it
-        return self.real(data, deadline=deadline)
+        return self.real.prepare(data, deadline=deadline)
 
 
 async def test_an_image_past_its_deadline_in_the_decode_queue_is_504_and_never_decoded(
@@ -282,11 +282,12 @@ async def test_an_image_past_its_deadline_in_the_decode_queue_is_504_and_never_d
 async def test_the_decode_pool_skips_an_image_whose_deadline_has_passed() -> None:
     calls: list[bytes] = []
 
-    def preprocessor(data: bytes, *, deadline: float | None = None) -> Any:
-        calls.append(data)
-        return data
+    class Recording:
+        def prepare(self, data: bytes, *, deadline: float | None = None) -> Any:
+            calls.append(data)
+            return data
 
-    pool = DecodePool(preprocessor=preprocessor, threads=1)  # type: ignore[arg-type]
+    pool = DecodePool(preprocessor=Recording(), threads=1)  # type: ignore[arg-type]
     try:
         result, seconds = await pool.decode(b"late", deadline=time.monotonic())
         assert isinstance(result, DeadlineExceededError)
