@@ -21,6 +21,9 @@ ALLOWED_LAYERS: dict[str, set[str]] = {
     "models": {"core", "preprocess", "settings"},
     "observability": {"core", "settings"},
     "http": {"core", "protocols", "preprocess", "models", "observability", "settings"},
+    # The supervisor and a worker's entry point run the command line's module (__main__),
+    # which imports the app (and torch) only inside a worker.
+    "workers": {"core", "observability", "settings", "__main__"},
 }
 # Third-party packages a layer must not import.
 FORBIDDEN_PACKAGES: dict[str, set[str]] = {
@@ -30,6 +33,8 @@ FORBIDDEN_PACKAGES: dict[str, set[str]] = {
     "models": {"aiohttp", "aioprometheus"},
     "observability": {"torch", "torchvision", "PIL", "numpy"},
     "http": {"torch", "torchvision", "PIL", "numpy"},
+    # The supervisor stays light: no torch, no CUDA context, no app of its own.
+    "workers": {"torch", "torchvision", "PIL", "numpy", "aiohttp", "opentelemetry"},
 }
 
 
