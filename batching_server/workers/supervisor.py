@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import os
 import shutil
 import signal
@@ -35,7 +36,7 @@ from ..settings import Settings
 from .assignment import WorkerAssignment, assign, visible_gpus
 from .control import READY, fleet_message
 
-__all__ = ["MAX_STARTUP_FAILURES", "supervise"]
+__all__ = ["MAX_STARTUP_FAILURES", "AfterExit", "after_exit", "supervise"]
 
 log = structlog.get_logger("batching_server.supervisor")
 
@@ -49,6 +50,26 @@ _HOPELESS_AT_STARTUP = frozenset({ExitCode.BAD_SETTINGS, ExitCode.MODEL_LOAD_FAI
 EXIT_GRACE_S = 10.0
 # Backlog of the shared listening socket (aiohttp's default for its own sites).
 BACKLOG = 128
+
+
+class AfterExit(enum.Enum):
+    """What the supervisor does when a worker exits."""
+
+    NOTHING = "nothing"  # the server is stopping: that exit was asked for
+    REPLACE = "replace"  # it had served: start another in its place
+    RETRY = "retry"  # it died warming up: try again, a few times
+    STOP_SERVER = "stop_server"  # it keeps failing at start-up: stop, with its status
+
+
+def after_exit(*, stopping: bool, was_ready: bool, code: int, startup_failures: int) -> AfterExit:
+    """The rule; ``startup_failures`` counts this exit when it came before readiness."""
+    if stopping:
+        return AfterExit.NOTHING
+    if was_ready:
+        return AfterExit.REPLACE
+    if code in _HOPELESS_AT_STARTUP or startup_failures >= MAX_STARTUP_FAILURES:
+        return AfterExit.STOP_SERVER
+    return AfterExit.RETRY
 
 
 @dataclass(slots=True)
@@ -218,39 +239,45 @@ class _Supervisor:
         # Its gauges go (queue, in flight); its counters and histograms stay in the sums.
         forget_process(self._metrics_dir, str(index))
         self._count_live()
-        if self._stopping:
-            log.info("worker_stopped", worker=index, exit_code=code)
-        elif not was_ready:
+        if not was_ready and not self._stopping:
             slot.startup_failures += 1
-            if code in _HOPELESS_AT_STARTUP or slot.startup_failures >= MAX_STARTUP_FAILURES:
-                log.error(
-                    "worker_failed_at_startup",
-                    worker=index,
-                    exit_code=code,
-                    attempts=slot.startup_failures,
-                    error=(
-                        f"worker {index} exited with status {code} before it was ready "
-                        f"({slot.startup_failures} time(s)); the server stops: see the "
-                        "worker's own log lines above for the cause"
-                    ),
-                )
-                self._stop(failure=code or ExitCode.STARTUP_FAILED)
-            else:
-                log.warning(
-                    "worker_died_at_startup",
-                    worker=index,
-                    exit_code=code,
-                    attempts=slot.startup_failures,
-                    max_attempts=MAX_STARTUP_FAILURES,
-                )
-                await self._start(slot)
-                return
-        else:
+        action = after_exit(
+            stopping=self._stopping,
+            was_ready=was_ready,
+            code=code,
+            startup_failures=slot.startup_failures,
+        )
+        if action is AfterExit.REPLACE:
             slot.startup_failures = 0
             self._restarts.inc({})
             log.error("worker_died", worker=index, exit_code=code, action="replacing it")
             await self._start(slot)
             return
+        if action is AfterExit.RETRY:
+            log.warning(
+                "worker_died_at_startup",
+                worker=index,
+                exit_code=code,
+                attempts=slot.startup_failures,
+                max_attempts=MAX_STARTUP_FAILURES,
+            )
+            await self._start(slot)
+            return
+        if action is AfterExit.STOP_SERVER:
+            log.error(
+                "worker_failed_at_startup",
+                worker=index,
+                exit_code=code,
+                attempts=slot.startup_failures,
+                error=(
+                    f"worker {index} exited with status {code} before it was ready "
+                    f"({slot.startup_failures} time(s) in a row): the server stops; the "
+                    "worker's own log lines above say why"
+                ),
+            )
+            self._stop(failure=code or ExitCode.STARTUP_FAILED)
+        else:
+            log.info("worker_stopped", worker=index, exit_code=code)
         if all(s.process is None or s.process.returncode is not None for s in self._slots):
             self._all_exited.set()
 
