@@ -84,6 +84,10 @@ def test_a_dead_workers_counts_stay_and_its_gauges_go(tmp_path: Path) -> None:
     survivor.in_flight.set({}, 1)
     assert samples(tmp_path)[("http_requests_in_flight", ())] == 3  # a total: summed
     forget_process(tmp_path, "0")  # the supervisor saw worker 0 die
+    found = samples(tmp_path)
+    assert found[("http_requests_in_flight", ())] == 1  # the survivor's alone
+    assert found[("http_requests_total", PREDICT)] == 5  # the dead one's 4 still count
+    assert [dict(labels)["worker"] for name, labels in found if name == "model_info"] == ["1"]
     replacement = worker_metrics(tmp_path, 0, "second-life")
     answered(replacement, 1)
     found = samples(tmp_path)

@@ -169,10 +169,11 @@ def test_two_workers_answer_survive_a_kill_and_drain_on_sigterm(tmp_path: Path) 
 
 def test_sigkill_of_the_supervisor_leaves_no_worker_behind(tmp_path: Path) -> None:
     server = serve_workers(tmp_path)
+    pids: dict[int, int] = {}
     try:
         _, lines = server.wait_for("listening")
         wait_for_supervisor_ready(server, lines)
-        pids = worker_pids(lines)
+        pids.update(worker_pids(lines))
         assert len(pids) == 2
         server.process.kill()
         server.process.wait(TIMEOUT_S)
@@ -181,10 +182,12 @@ def test_sigkill_of_the_supervisor_leaves_no_worker_behind(tmp_path: Path) -> No
             time.sleep(0.1)  # polling: the kernel signals the workers, which drain and exit
         assert [pid for pid in pids.values() if alive(pid)] == []
     finally:
-        server.close()
-        for pid in pids.values():  # never leave one running, even when the test fails
+        # Never leave one running, even when the test fails; first, since a worker left
+        # behind holds the server's stdout open.
+        for pid in pids.values():
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        server.close()
 
 
 def test_a_checkpoint_every_worker_fails_to_load_stops_the_server(tmp_path: Path) -> None:
