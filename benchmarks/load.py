@@ -95,9 +95,10 @@ async def open_loop(
     rate: float,
     duration_s: float,
     recorder: Recorder,
+    seed: int = 1234,
 ) -> None:
     """Arrivals at ``rate`` per second with exponential gaps, whatever the server does."""
-    rng = random.Random(1234)
+    rng = random.Random(seed)
     deadline = time.perf_counter() + duration_s
     in_flight: set[asyncio.Task[None]] = set()
     sent = 0
@@ -237,7 +238,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # One short untimed run first: connection set-up and first-touch costs.
         await measure(url, bodies, concurrency=2, duration_s=2)
         for point in points:
-            result = await measure(url, bodies, duration_s=args.duration, pid=pid, **point)
+            if args.client_procs > 1:
+                # Imported here: load_procs builds on this module's client loops.
+                from benchmarks.load_procs import measure_procs
+
+                result = await measure_procs(
+                    url, bodies, procs=args.client_procs, duration_s=args.duration, pid=pid, **point
+                )
+            else:
+                result = await measure(url, bodies, duration_s=args.duration, pid=pid, **point)
             results.append(result)
             print(f"  {row(result)['point']}: {result['throughput']:.1f} images/s", flush=True)
 
@@ -255,6 +264,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=_ints, default=[1, 4, 16, 64])
     parser.add_argument("--rates", type=_floats, default=[], help="open-loop arrivals per second")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per point")
+    parser.add_argument(
+        "--client-procs",
+        type=int,
+        default=1,
+        help="client processes sharing each point's load (benchmarks.load_procs)",
+    )
     add_set_option(parser)
     parser.add_argument("--out", type=Path, default=RESULTS / "load.json")
     args = parser.parse_args(argv)
