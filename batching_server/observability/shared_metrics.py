@@ -57,6 +57,25 @@ def _key(metric_name: str, name: str, labels: Mapping[str, object], doc: str) ->
     return json.dumps([metric_name, name, labels_text, doc], sort_keys=True)
 
 
+class _Keys:
+    """File keys of one sample name, made once per label set: every request updates
+    several metrics, and a JSON dump each time would cost the event loop for nothing.
+    Label sets are few by design (bounded cardinality), so the cache stays small."""
+
+    def __init__(self, metric_name: str, name: str, doc: str) -> None:
+        self._metric_name = metric_name
+        self._name = name
+        self._doc = doc
+        self._keys: dict[tuple[tuple[str, object], ...], str] = {}
+
+    def __call__(self, labels: Mapping[str, object]) -> str:
+        identity = tuple(sorted(labels.items()))
+        key = self._keys.get(identity)
+        if key is None:
+            key = self._keys[identity] = _key(self._metric_name, self._name, labels, self._doc)
+        return key
+
+
 class MetricFiles:
     """This process's metric files; every write lands in shared memory at once."""
 
@@ -119,11 +138,11 @@ class SharedCounter(Counter):
             raise ValueError(f"a shared counter's name must end in _total, got {name!r}")
         super().__init__(name, doc, **kwargs)  # type: ignore[arg-type]
         self._files = files
+        self._keys = _Keys(_counter_family(name), name, doc)
 
     def set_value(self, labels: LabelsType, value: NumericValueType) -> None:
         super().set_value(labels, value)
-        key = _key(_counter_family(self.name), self.name, labels, self.doc)
-        self._files.set("counter", key, _number(value))
+        self._files.set("counter", self._keys(labels), _number(value))
 
 
 class SharedGauge(Gauge):
@@ -135,10 +154,11 @@ class SharedGauge(Gauge):
         super().__init__(name, doc, **kwargs)  # type: ignore[arg-type]
         self._files = files
         self._kind = f"gauge_{mode}"
+        self._keys = _Keys(name, name, doc)
 
     def set_value(self, labels: LabelsType, value: NumericValueType) -> None:
         super().set_value(labels, value)
-        self._files.set(self._kind, _key(self.name, self.name, labels, self.doc), _number(value))
+        self._files.set(self._kind, self._keys(labels), _number(value))
 
 
 class SharedHistogram(Histogram):
@@ -154,20 +174,21 @@ class SharedHistogram(Histogram):
         self._bounds = [float(bound) for bound in self.upper_bounds]
         if not self._bounds or self._bounds[-1] != float("inf"):
             self._bounds.append(float("inf"))
+        self._les = [_go_float(bound) for bound in self._bounds]
+        self._bucket_keys = _Keys(name, f"{name}_bucket", doc)
+        self._sum_keys = _Keys(name, f"{name}_sum", doc)
 
     def add(self, labels: LabelsType, value: NumericValueType) -> None:
         first = labels not in self.values
         super().add(labels, value)
         value = _number(value)
         if first:  # every bucket of a new series shows, at zero if need be, as a scraper expects
-            for each in self._bounds:
-                bucket = {**labels, "le": _go_float(each)}
-                key = _key(self.name, f"{self.name}_bucket", bucket, self.doc)
-                self._files.add("histogram", key, 0)
-        bound = next(b for b in self._bounds if value <= b)
-        bucket = {**labels, "le": _go_float(bound)}
-        self._files.add("histogram", _key(self.name, f"{self.name}_bucket", bucket, self.doc), 1)
-        self._files.add("histogram", _key(self.name, f"{self.name}_sum", labels, self.doc), value)
+            for le in self._les:
+                self._files.add("histogram", self._bucket_keys({**labels, "le": le}), 0)
+        index = next(i for i, bound in enumerate(self._bounds) if value <= bound)
+        bucket = {**labels, "le": self._les[index]}
+        self._files.add("histogram", self._bucket_keys(bucket), 1)
+        self._files.add("histogram", self._sum_keys(labels), value)
 
     observe = add
 
