@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -231,3 +232,16 @@ def test_one_worker_runs_the_single_process_server(tmp_path: Path) -> None:
     assert all("worker" not in e for e in events)
     assert all(e["logger"] != "batching_server.supervisor" for e in events)
     assert json.loads(lines[0])["event"] == "starting"
+
+
+def test_a_port_in_use_exits_2_before_any_worker_starts(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(tmp_path, "--port", str(port), SERVER__WORKERS="2", **SMALL)
+    assert result.returncode == 2
+    events = json_lines(result.stdout)
+    assert [e["event"] for e in events] == ["starting", "cannot_listen"]
+    assert f"cannot listen on 127.0.0.1:{port}" in events[1]["error"]
+    assert "set server.port to a free port" in events[1]["error"]
