@@ -7,23 +7,26 @@ import asyncio
 import errno
 import os
 import signal
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 from aiohttp import web
 
 from . import __version__
 from .core.errors import BatcherClosedError, ModelLoadError
-from .core.readiness import ExitCode
-from .grpc.server import GrpcListenError, add_grpc_server
-from .http.app import create_app, create_metrics_app
-from .http.appkeys import BATCHER, READINESS
+from .core.fleet import WorkerRole
+from .core.readiness import ExitCode, Readiness
 from .observability.logs import configure_logging
 from .settings import Settings, SettingsError, load_settings, settings_warnings
 
-__all__ = ["main", "serve"]
+# The app (and with it torch) is imported where it is used: a supervisor of worker
+# processes runs this module too, and stays light.
+
+__all__ = ["WorkerRuntime", "cannot_listen_message", "main", "serve"]
 
 log = structlog.get_logger("batching_server")
 
@@ -77,8 +80,32 @@ _EXIT_AT_ONCE = frozenset(
 )
 
 
+class WorkerRuntime(Protocol):
+    """What a worker process gets from its supervisor (see batching_server.workers)."""
+
+    role: WorkerRole
+
+    def listening_sockets(self) -> tuple[socket.socket, socket.socket | None]:
+        """The API socket and the metrics socket (if metrics.port), bound by the supervisor."""
+
+    async def report(self, readiness: Readiness, stop: Callable[[], None]) -> None:
+        """Tell the supervisor when this worker is ready; keep the fleet's state current."""
+
+
 class _CannotListenError(Exception):
     """A host and port could not be bound; the message names the address and the fix."""
+
+
+def cannot_listen_message(exc: OSError, host: str, port: int, *, section: str) -> str:
+    """Why ``host:port`` could not be bound, and which setting to change."""
+    if exc.errno == errno.EADDRINUSE:
+        fix = f"stop what uses it, or set {section}.port to a free port (0 picks one)"
+    elif exc.errno == errno.EACCES:
+        fix = f"ports below 1024 need privileges: set {section}.port to 1024 or above"
+    else:  # not an address of this machine, or a name that does not resolve
+        fix = f"set {section}.host to an address of this machine (0.0.0.0: all of them)"
+    reason = exc.strerror or str(exc)
+    return f"cannot listen on {host}:{port} ({reason}): {fix}"
 
 
 async def _listen(runner: web.AppRunner, host: str, port: int, *, section: str) -> None:
@@ -86,18 +113,14 @@ async def _listen(runner: web.AppRunner, host: str, port: int, *, section: str) 
     try:
         await web.TCPSite(runner, host, port).start()
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            fix = f"stop what uses it, or set {section}.port to a free port (0 picks one)"
-        elif exc.errno == errno.EACCES:
-            fix = f"ports below 1024 need privileges: set {section}.port to 1024 or above"
-        else:  # not an address of this machine, or a name that does not resolve
-            fix = f"set {section}.host to an address of this machine (0.0.0.0: all of them)"
-        reason = exc.strerror or str(exc)
-        raise _CannotListenError(f"cannot listen on {host}:{port} ({reason}): {fix}") from exc
+        message = cannot_listen_message(exc, host, port, section=section)
+        raise _CannotListenError(message) from exc
 
 
 def _force_stop(app: web.Application, sig: signal.Signals) -> None:
     """A second signal: fail what waits for the model now, and exit 128 + its number."""
+    from .http.appkeys import BATCHER, READINESS
+
     code = ExitCode.FORCED_BY_SIGINT if sig == signal.SIGINT else ExitCode.FORCED_BY_SIGTERM
     log.warning("forced_shutdown", signal=sig.name, exit_code=int(code))
     app[READINESS].mark_failed(f"stopped at once by a second {sig.name}", exit_code=code)
@@ -127,9 +150,16 @@ async def _shut_down(runner: web.AppRunner, forced: asyncio.Event) -> bool:
     return True
 
 
-async def serve(settings: Settings) -> int:
-    """Serve until a signal, or until start-up fails; returns the exit status."""
-    app = create_app(settings)
+async def serve(settings: Settings, *, worker: WorkerRuntime | None = None) -> int:
+    """Serve until a signal, or until start-up fails; returns the exit status.
+
+    A ``worker`` serves on the sockets its supervisor bound, and reports to it.
+    """
+    from .grpc.server import GrpcListenError, add_grpc_server
+    from .http.app import create_app, create_metrics_app
+    from .http.appkeys import READINESS
+
+    app = create_app(settings, worker=worker.role if worker is not None else None)
     runner = web.AppRunner(
         app,
         access_log=None,
@@ -167,8 +197,12 @@ async def serve(settings: Settings) -> int:
     # The metrics port, if any, is cleaned up last, so the drain stays observable.
     metrics_runner: web.AppRunner | None = None
     code: int | None = None
+    reporter: asyncio.Task[None] | None = None
     try:
-        await _listen(runner, settings.server.host, settings.server.port, section="server")
+        if worker is None:
+            await _listen(runner, settings.server.host, settings.server.port, section="server")
+        else:
+            await web.SockSite(runner, worker.listening_sockets()[0]).start()
         for address in runner.addresses:
             host, port = address[0], address[1]
             log.info("listening", url=f"http://{host}:{port}", host=host, port=port)
@@ -180,8 +214,16 @@ async def serve(settings: Settings) -> int:
             )
             await metrics_runner.setup()
             metrics_host = settings.metrics.host or settings.server.host
-            await _listen(metrics_runner, metrics_host, settings.metrics.port, section="metrics")
+            metrics_socket = worker.listening_sockets()[1] if worker is not None else None
+            if metrics_socket is None:
+                await _listen(
+                    metrics_runner, metrics_host, settings.metrics.port, section="metrics"
+                )
+            else:
+                await web.SockSite(metrics_runner, metrics_socket).start()
             log.info("metrics_listening", host=metrics_host, port=settings.metrics.port)
+        if worker is not None:
+            reporter = asyncio.create_task(worker.report(readiness, stop.set), name="report")
         stopped = asyncio.create_task(stop.wait())
         failed = asyncio.create_task(readiness.wait_failed())
         await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
@@ -196,6 +238,8 @@ async def serve(settings: Settings) -> int:
         log.error("cannot_listen", error=str(exc))
         code = ExitCode.BAD_SETTINGS
     finally:
+        if reporter is not None:
+            reporter.cancel()
         readiness.mark_not_ready("shutting down")
         finished = await _shut_down(runner, forced)
         if metrics_runner is not None and finished:
@@ -220,20 +264,37 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``batching-server`` and ``python -m batching_server``."""
+def main(argv: Sequence[str] | None = None, *, worker: WorkerRuntime | None = None) -> int:
+    """Entry point of ``batching-server`` and ``python -m batching_server``.
+
+    With ``server.workers`` above 1 this process becomes the workers' supervisor; each
+    worker runs this again with ``worker`` set (batching_server.workers.worker).
+    """
     args = _parse_args(argv)
     try:
         settings = _settings(args)
     except SettingsError as exc:
         print(f"batching-server: {exc}", file=sys.stderr)
         return ExitCode.BAD_SETTINGS
-    configure_logging(level=settings.logging.level, fmt=settings.logging.format)
+    configure_logging(
+        level=settings.logging.level,
+        fmt=settings.logging.format,
+        fields={"worker": worker.role.index} if worker is not None else None,
+    )
+    if worker is None and settings.server.workers != 1:
+        from .workers.assignment import worker_count
+
+        count = worker_count(settings.server.workers)
+        if count > 1:
+            from .workers.supervisor import supervise
+
+            given = list(argv) if argv is not None else sys.argv[1:]
+            return supervise(settings, workers=count, argv=given)
     log.info("starting", version=__version__, weights=settings.model.weights)
     for warning in settings_warnings(settings):
         log.warning("settings_warning", problem=warning)
     try:
-        code = asyncio.run(serve(settings))
+        code = asyncio.run(serve(settings, worker=worker))
     except ModelLoadError as exc:
         log.error("model_load_failed", error=str(exc))
         return ExitCode.MODEL_LOAD_FAILED

@@ -286,6 +286,20 @@ class ServerSettings:
         bytes does not extend it, so it also closes a client that sends its headers too slowly. It
         does not bound the body: once the headers are in, the request belongs to its handler.""",
     )
+    workers: int = _setting(
+        1,
+        _integer(0, 256),
+        "Worker processes, each a whole server on the same port (0: one per GPU, else 1)",
+        """`1` runs today's single process, with no supervisor. Above 1, a supervisor process binds
+        the port once and starts that many workers, each with the model, its batcher and its
+        decode threads on a disjoint share of the cores (and, with several GPUs, a GPU of its own,
+        round-robin); one process's event loop and GIL then no longer bound the whole server. The
+        supervisor replaces a worker that dies, stops the server when a worker keeps failing at
+        start-up, forwards SIGTERM and SIGINT, and `/metrics` sums the workers. `0` picks one
+        worker per GPU on a GPU machine and 1 on a CPU-only one, where the cores are better spent
+        on one process's decode and model threads (see docs/operations.md). It may not exceed the
+        cores the server is allowed to use.""",
+    )
     low_priority_workers: bool = _setting(
         True,
         _boolean,

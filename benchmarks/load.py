@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import random
 import socket
 import struct
@@ -145,6 +146,22 @@ class OipGrpcClient:
         return "200"
 
 
+@dataclasses.dataclass(frozen=True)
+class ClientSpec:
+    """What a client process needs to build its own Client (a Client does not pickle)."""
+
+    protocol: str
+    model: str = ""
+    grpc_target: str = ""
+
+    def make(self) -> Client:
+        if self.protocol == "oip-rest":
+            return OipRestClient(self.model)
+        if self.protocol == "oip-grpc":
+            return OipGrpcClient(self.model, self.grpc_target)
+        return PredictClient()
+
+
 class Recorder:
     """Latencies of successful requests and a count of every status."""
 
@@ -191,9 +208,10 @@ async def open_loop(
     rate: float,
     duration_s: float,
     recorder: Recorder,
+    seed: int = 1234,
 ) -> None:
     """Arrivals at ``rate`` per second with exponential gaps, whatever the server does."""
-    rng = random.Random(1234)
+    rng = random.Random(seed)
     deadline = time.perf_counter() + duration_s
     in_flight: set[asyncio.Task[None]] = set()
     sent = 0
@@ -353,18 +371,28 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results = []
 
     async def drive(url: str, grpc_target: str, pid: int | None = None) -> None:
-        client: Client = PredictClient()
-        if args.protocol == "oip-rest":
-            client = OipRestClient(await _model_name(url))
-        elif args.protocol == "oip-grpc":
-            client = OipGrpcClient(await _model_name(url), grpc_target)
+        client_model = "" if args.protocol == "predict" else await _model_name(url)
+        client = ClientSpec(args.protocol, client_model, grpc_target).make()
         bodies = [client.prepare(jpeg) for jpeg in jpegs]
         # One short untimed run first: connection set-up and first-touch costs.
         await measure(url, bodies, concurrency=2, duration_s=2, client=client)
         for point in points:
-            result = await measure(
-                url, bodies, duration_s=args.duration, pid=pid, client=client, **point
-            )
+            if args.client_procs > 1:
+                # Imported here: load_procs builds on this module's client loops.
+                from benchmarks.load_procs import measure_procs
+
+                result = await measure_procs(
+                    url,
+                    ClientSpec(args.protocol, client_model, grpc_target),
+                    procs=args.client_procs,
+                    duration_s=args.duration,
+                    pid=pid,
+                    **point,
+                )
+            else:
+                result = await measure(
+                    url, bodies, duration_s=args.duration, pid=pid, client=client, **point
+                )
             results.append(result)
             print(f"  {row(result)['point']}: {result['throughput']:.1f} images/s", flush=True)
 
@@ -403,6 +431,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=_ints, default=[1, 4, 16, 64])
     parser.add_argument("--rates", type=_floats, default=[], help="open-loop arrivals per second")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per point")
+    parser.add_argument(
+        "--client-procs",
+        type=int,
+        default=1,
+        help="client processes sharing each point's load (benchmarks.load_procs)",
+    )
     add_set_option(parser)
     parser.add_argument("--out", type=Path, default=RESULTS / "load.json")
     args = parser.parse_args(argv)

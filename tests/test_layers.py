@@ -23,6 +23,9 @@ ALLOWED_LAYERS: dict[str, set[str]] = {
     "http": {"core", "protocols", "preprocess", "models", "observability", "settings"},
     # Served from the app's state (readiness, decode pool, batcher) and its OIP infer path.
     "grpc": {"core", "protocols", "preprocess", "models", "observability", "settings", "http"},
+    # The supervisor and a worker's entry point run the command line's module (__main__),
+    # which imports the app (and torch) only inside a worker.
+    "workers": {"core", "observability", "settings", "__main__"},
 }
 # Third-party packages a layer must not import.
 FORBIDDEN_PACKAGES: dict[str, set[str]] = {
@@ -33,6 +36,8 @@ FORBIDDEN_PACKAGES: dict[str, set[str]] = {
     "observability": {"torch", "torchvision", "PIL", "numpy"},
     "http": {"torch", "torchvision", "PIL", "numpy"},
     "grpc": {"torch", "torchvision", "PIL", "numpy"},
+    # The supervisor stays light: no torch, no CUDA context, no app of its own.
+    "workers": {"torch", "torchvision", "PIL", "numpy", "aiohttp", "opentelemetry"},
 }
 
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from .. import __version__
 from ..core.batcher import Batcher
 from ..core.errors import ModelStalledError
+from ..core.fleet import WorkerRole
 from ..core.readiness import ExitCode, Readiness
 from ..core.shapes import warmup_sizes
 from ..core.watchdog import PassTimer, StallWatchdog
@@ -40,7 +42,9 @@ from ..models.threads import (
 )
 from ..models.torchvision_spec import torchvision_classifier
 from ..observability.metrics import ServiceMetrics
+from ..observability.shared_metrics import MetricFiles
 from ..observability.tracing import (
+    WorkerSpanAttribute,
     create_tracer_provider,
     server_span_middleware,
     traced_batch_function,
@@ -59,14 +63,18 @@ from .appkeys import (
     SETTINGS,
     TRACER,
     UPLOAD_SLOTS,
+    WORKER,
 )
 from .auth import bearer_auth_middleware
 from .middlewares import request_context_middleware
 from .routes import add_routes, route_of
 
-__all__ = ["create_app", "create_metrics_app"]
+__all__ = ["WORKER_HEADER", "create_app", "create_metrics_app"]
 
 log = structlog.get_logger(__name__)
+
+# Names the worker process that answered, when there are several (server.workers > 1).
+WORKER_HEADER = "X-Worker"
 
 
 @dataclass(slots=True)
@@ -89,13 +97,15 @@ def create_app(
     tracer_provider: TracerProvider | None = None,
     spec: ModelSpec | None = None,
     clock: Callable[[], float] = time.monotonic,
+    worker: WorkerRole | None = None,
 ) -> web.Application:
     """Build the application.
 
     Pass ``runner`` to share one loaded model (its thread plan then sets how many
     batches run at once), or ``tracer_provider`` to collect spans elsewhere (tests do both);
     the app then leaves their shutdown to the caller. ``clock`` times batches and warm-up
-    passes for the batcher and the stall watchdog (tests pass a fake one).
+    passes for the batcher and the stall watchdog (tests pass a fake one). ``worker`` makes
+    it one worker among several (server.workers > 1): see ``_as_worker``.
     """
     spec = spec or torchvision_classifier(settings.model.name)
     provider = tracer_provider or create_tracer_provider(settings.tracing)
@@ -123,7 +133,10 @@ def create_app(
         model_name=spec.name,
         max_batch_size=settings.batching.max_batch_size,
         batch_sizes=settings.batching.batch_sizes,
+        files=_metric_files(worker),
     )
+    if worker is not None:
+        _as_worker(app, worker, provider)
     app[TRACER] = (
         provider.get_tracer("batching_server", __version__) if provider else trace.NoOpTracer()
     )
@@ -144,6 +157,30 @@ def create_app(
     app.cleanup_ctx.append(_batcher_ctx)
     app.on_shutdown.append(_mark_shutting_down)
     return app
+
+
+def _metric_files(worker: WorkerRole | None) -> MetricFiles | None:
+    if worker is None:
+        return None
+    return MetricFiles(
+        directory=worker.metrics_dir,
+        # Counts outlive the process: its replacement writes files of its own.
+        process_id=f"{worker.index}-{os.getpid()}",
+        worker_id=str(worker.index),
+    )
+
+
+def _as_worker(app: web.Application, worker: WorkerRole, provider: TracerProvider | None) -> None:
+    """Name the worker on every response and span; /ready then also asks the fleet."""
+    app[WORKER] = worker
+    header = str(worker.index)
+
+    async def name_the_worker(_: web.Request, response: web.StreamResponse) -> None:
+        response.headers[WORKER_HEADER] = header
+
+    app.on_response_prepare.append(name_the_worker)
+    if provider is not None:
+        provider.add_span_processor(WorkerSpanAttribute(worker.index))
 
 
 def _traced(settings: Settings) -> Callable[[web.Request], bool]:

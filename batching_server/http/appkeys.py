@@ -8,6 +8,7 @@ from aiohttp import web
 from opentelemetry import trace
 
 from ..core.batcher import Batcher
+from ..core.fleet import WorkerRole
 from ..core.readiness import Readiness
 from ..models.runner import ImageInput, ModelRunner, Prediction
 from ..models.spec import ModelSpec
@@ -27,6 +28,7 @@ __all__ = [
     "SETTINGS",
     "TRACER",
     "UPLOAD_SLOTS",
+    "WORKER",
 ]
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -39,6 +41,8 @@ BATCHER = web.AppKey("batcher", Batcher[ImageInput, Prediction])
 METRICS = web.AppKey("metrics", ServiceMetrics)
 TRACER = web.AppKey("tracer", trace.Tracer)
 UPLOAD_SLOTS = web.AppKey("upload_slots", asyncio.Semaphore)
+# Set only in a worker among several (server.workers > 1).
+WORKER = web.AppKey("worker", WorkerRole)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 IMAGE_COUNT = web.RequestKey("image_count", int)

@@ -8,7 +8,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .. import __version__
-from .appkeys import METRICS, MODEL_SPEC, READINESS, RUNNER, SETTINGS
+from .appkeys import METRICS, MODEL_SPEC, READINESS, RUNNER, SETTINGS, WORKER
 from .responses import json_response
 from .routes import ROUTES, RouteTable
 
@@ -34,15 +34,21 @@ async def health(request: web.Request) -> web.Response:
 
 @routes.get("/ready", summary="readiness (model loaded and warmed up)", public=True, traced=False)
 async def ready(request: web.Request) -> web.Response:
-    """Readiness: 200 once the model is loaded and warmed up, else 503 with the reason."""
+    """Readiness: 200 once the model is loaded and warmed up, else 503 with the reason.
+
+    A worker among several answers for the fleet: 200 only when every worker is warmed up.
+    """
     readiness = request.app[READINESS]
-    if readiness.ready:
+    worker = request.app.get(WORKER)
+    fleet_ready = worker is None or worker.fleet.ready
+    if readiness.ready and fleet_ready:
         return json_response({"status": "ready", "model_loaded": True, "timestamp": time.time()})
+    reason = readiness.reason if not readiness.ready or worker is None else worker.fleet.reason
     return json_response(
         {
             "status": "not_ready",
             "model_loaded": RUNNER in request.app,
-            "reason": readiness.reason,
+            "reason": reason,
             "timestamp": time.time(),
         },
         status=503,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
 import orjson
@@ -27,10 +27,26 @@ def add_trace_context(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutab
     return event
 
 
+def _static_fields(fields: Mapping[str, Any]) -> structlog.types.Processor:
+    def add_fields(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        for name, value in fields.items():
+            event.setdefault(name, value)
+        return event
+
+    return add_fields
+
+
 def configure_logging(
-    *, level: str = "INFO", fmt: str = "json", stream: TextIO | None = None
+    *,
+    level: str = "INFO",
+    fmt: str = "json",
+    stream: TextIO | None = None,
+    fields: Mapping[str, Any] | None = None,
 ) -> None:
-    """Send every log line, ours and the libraries', to ``stream`` (stdout) as JSON or text."""
+    """Send every log line, ours and the libraries', to ``stream`` (stdout) as JSON or text.
+
+    ``fields`` go on every line of the process (a worker's index, say), from any thread.
+    """
     stream = stream or sys.stdout
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -39,6 +55,8 @@ def configure_logging(
         add_trace_context,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if fields:
+        shared.append(_static_fields(dict(fields)))
     renderer: structlog.types.Processor
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)

@@ -13,10 +13,19 @@ from pathlib import Path
 
 from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
 from aioprometheus.renderer import render
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from .. import __version__
 from ..core.batcher import BatchInfo, DropReason
 from ..core.shapes import padded_size
+from .shared_metrics import (
+    GaugeMode,
+    MetricFiles,
+    SharedCounter,
+    SharedGauge,
+    SharedHistogram,
+    render_fleet,
+)
 
 __all__ = ["ServiceMetrics"]
 
@@ -40,109 +49,133 @@ def method_label(method: str) -> str:
     return method if method in _METHODS else "OTHER"
 
 
+class _Collectors:
+    """Makes the registry's collectors: plain ones, or ones that also write to shared files."""
+
+    def __init__(self, registry: Registry, files: MetricFiles | None) -> None:
+        self._registry = registry
+        self._files = files
+
+    def counter(self, name: str, doc: str) -> Counter:
+        if self._files is None:
+            return Counter(name, doc, registry=self._registry)
+        return SharedCounter(name, doc, files=self._files, registry=self._registry)
+
+    def gauge(self, name: str, doc: str, *, mode: GaugeMode) -> Gauge:
+        """``mode``: how the workers' values combine, summed (``livesum``) or one per worker."""
+        if self._files is None:
+            return Gauge(name, doc, registry=self._registry)
+        return SharedGauge(name, doc, files=self._files, mode=mode, registry=self._registry)
+
+    def histogram(self, name: str, doc: str, *, buckets: Sequence[float]) -> Histogram:
+        if self._files is None:
+            return Histogram(name, doc, registry=self._registry, buckets=buckets)
+        return SharedHistogram(
+            name, doc, files=self._files, registry=self._registry, buckets=buckets
+        )
+
+
 class ServiceMetrics:
     """Every metric the server exports, and the batcher observer that feeds the batch ones."""
 
     def __init__(
-        self, *, model_name: str, max_batch_size: int, batch_sizes: Sequence[int] = ()
+        self,
+        *,
+        model_name: str,
+        max_batch_size: int,
+        batch_sizes: Sequence[int] = (),
+        files: MetricFiles | None = None,
     ) -> None:
+        """With ``files`` (a worker among several), every change is also written there, and
+        a scrape answers for the whole fleet."""
         self.registry = Registry()
         self.model_name = model_name
         self.batch_sizes = tuple(batch_sizes)
-        r = self.registry
-        self.request_duration = Histogram(
+        self._files = files
+        make = _Collectors(self.registry, files)
+        self.request_duration = make.histogram(
             "http_request_duration_seconds",
             "Time from request received to response ready, by route template and status class.",
-            registry=r,
             buckets=LATENCY_BUCKETS,
         )
-        self.requests = Counter(
-            "http_requests_total", "HTTP requests answered, by status class.", registry=r
+        self.requests = make.counter(
+            "http_requests_total", "HTTP requests answered, by status class."
         )
-        self.errors = Counter(
-            "http_errors_total", "HTTP requests answered with an error, by type.", registry=r
+        self.errors = make.counter(
+            "http_errors_total", "HTTP requests answered with an error, by type."
         )
-        self.in_flight = Gauge(
-            "http_requests_in_flight", "HTTP requests being handled now.", registry=r
+        self.in_flight = make.gauge(
+            "http_requests_in_flight", "HTTP requests being handled now.", mode="livesum"
         )
-        self.queue_size = Gauge(
-            "inference_queue_size", "Images waiting in the batcher for a forward pass.", registry=r
+        self.queue_size = make.gauge(
+            "inference_queue_size",
+            "Images waiting in the batcher for a forward pass.",
+            mode="livesum",
         )
-        self.inference_duration = Histogram(
+        self.inference_duration = make.histogram(
             "model_inference_duration_seconds",
             "Duration of one forward pass (one batch).",
-            registry=r,
             buckets=INFERENCE_BUCKETS,
         )
-        self.predictions = Counter(
-            "model_predictions_total", "Images classified, by top-1 class.", registry=r
+        self.predictions = make.counter(
+            "model_predictions_total", "Images classified, by top-1 class."
         )
-        self.confidence = Histogram(
+        self.confidence = make.histogram(
             "model_prediction_confidence",
             "Top-1 probability of each classified image.",
-            registry=r,
             buckets=CONFIDENCE_BUCKETS,
         )
-        self.memory = Gauge(
+        self.memory = make.gauge(
             "model_memory_usage_bytes",
             "Bytes held by the model's parameters and buffers on its device.",
-            registry=r,
+            mode="liveall",
         )
-        self.info = Gauge(
+        self.info = make.gauge(
             "model_info",
             "Always 1; the labels describe the model being served.",
-            registry=r,
+            mode="liveall",
         )
-        self.compiles_after_warmup = Counter(
+        self.compiles_after_warmup = make.counter(
             "model_compiles_after_warmup_total",
             "Graphs torch.compile built after warm-up; each made a batch wait seconds (expect 0).",
-            registry=r,
         )
         self._compiles_after_warmup: Callable[[], int] = lambda: 0
-        self.batch_size = Histogram(
+        self.batch_size = make.histogram(
             "batch_size",
             "Images per forward pass.",
-            registry=r,
             buckets=tuple(float(size) for size in range(1, max_batch_size + 1)),
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = make.histogram(
             "batch_queue_wait_seconds",
             "Per image: time from entering the batcher's queue to dispatch.",
-            registry=r,
             buckets=WAIT_BUCKETS,
         )
-        self.dispatches = Counter(
+        self.dispatches = make.counter(
             "batch_dispatch_total",
             "Batches dispatched, by reason: full, timeout (oldest waited), idle, drain.",
-            registry=r,
         )
-        self.dropped = Counter(
+        self.dropped = make.counter(
             "batch_dropped_total",
             "Images dropped before the forward pass, by reason: cancelled, expired, rejected.",
-            registry=r,
         )
-        self.padding = Counter(
+        self.padding = make.counter(
             "batch_padding_images_total",
             "Zero images added to reach an allowed batch size (batching.batch_sizes).",
-            registry=r,
         )
-        self.preprocess_duration = Histogram(
+        self.preprocess_duration = make.histogram(
             "image_preprocess_duration_seconds",
             "Time to decode and transform one image in the preprocessing pool (for a JPEG left "
             "to the model's device, to check its header).",
-            registry=r,
             buckets=PREPROCESS_BUCKETS,
         )
-        self.loop_lag = Histogram(
+        self.loop_lag = make.histogram(
             "event_loop_lag_seconds",
             "How late the event loop woke a timer: time it spent blocked by other work.",
-            registry=r,
             buckets=LAG_BUCKETS,
         )
-        self.loop_cpu = Counter(
+        self.loop_cpu = make.counter(
             "event_loop_cpu_seconds_total",
             "CPU time of the event loop's thread. A rate near 1 means the loop is the limit.",
-            registry=r,
         )
         # Series that should exist at zero before the first event, so rate() and absent()
         # work from the first scrape.
@@ -216,6 +249,10 @@ class ServiceMetrics:
         """The exposition body and its headers, in the format the scraper accepts."""
         # Counted by the model threads; read here, on the loop, as aioprometheus needs.
         self.compiles_after_warmup.set({}, self._compiles_after_warmup())
+        if self._files is not None:
+            # One of several workers: the scrape gets the whole fleet's sums, whichever
+            # worker the kernel handed the connection to.
+            return render_fleet(self._files.directory), {"Content-Type": CONTENT_TYPE_LATEST}
         body, headers = render(self.registry, accepts)
         return body, dict(headers)
 

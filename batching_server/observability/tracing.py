@@ -18,12 +18,13 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.instrumentation.aiohttp_server import (
     AioHttpServerInstrumentor,
     create_aiohttp_middleware,
 )
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler, TraceIdRatioBased
 
@@ -33,6 +34,7 @@ from ..settings import TracingSettings
 
 __all__ = [
     "TracedItem",
+    "WorkerSpanAttribute",
     "create_tracer_provider",
     "server_span_middleware",
     "traced_batch_function",
@@ -72,6 +74,16 @@ def _exporter(settings: TracingSettings) -> SpanExporter | None:
     if settings.exporter == "console":
         return ConsoleSpanExporter()
     return None
+
+
+class WorkerSpanAttribute(SpanProcessor):
+    """Names the worker process on every span, so a trace shows which worker served it."""
+
+    def __init__(self, index: int) -> None:
+        self._index = index
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        span.set_attribute("worker", self._index)
 
 
 def create_tracer_provider(settings: TracingSettings) -> TracerProvider | None:
