@@ -19,10 +19,12 @@ from .core.errors import BatcherClosedError, ModelLoadError
 from .core.readiness import ExitCode
 from .http.app import create_app, create_metrics_app
 from .http.appkeys import BATCHER, READINESS
+from .models import load_runner, torchvision_classifier
+from .models.loading import cache_root
 from .observability.logs import configure_logging
 from .settings import Settings, SettingsError, load_settings, settings_warnings
 
-__all__ = ["main", "serve"]
+__all__ = ["compile_cache", "main", "serve"]
 
 log = structlog.get_logger("batching_server")
 
@@ -39,6 +41,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         help="settings TOML file (default: ./settings.toml when it exists); "
         "BATCHING_SERVER_* environment variables override it",
+    )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=("serve", "compile"),
+        default="serve",
+        help="serve (the default), or compile: build the compiled forward passes of these "
+        "settings into model.compile_cache_dir, then exit",
     )
     parser.add_argument("--host", help="interface to bind (overrides server.host)")
     parser.add_argument("--port", type=int, help="TCP port (overrides server.port)")
@@ -211,6 +221,28 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
+def compile_cache(settings: Settings) -> int:
+    """Build (or check) every compiled forward pass the settings need; the exit status."""
+    if not settings.model.compile_cache_dir:
+        log.error(
+            "compile_needs_a_cache",
+            error="model.compile_cache_dir is empty, so nothing compiled would be kept: "
+            "set it to a folder, or to 'default'",
+        )
+        return ExitCode.BAD_SETTINGS
+    # Built as a start with model.compile = true would build them, so that a start with
+    # these settings (compile true or auto) loads every one.
+    settings = settings.replace(model={"compile": "true"})
+    runner = load_runner(
+        settings.model,
+        batching=settings.batching,
+        spec=torchvision_classifier(settings.model.name),
+    )
+    runner.close()
+    log.info("compile_cache_ready", cache_dir=str(cache_root(settings.model.compile_cache_dir)))
+    return ExitCode.OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``batching-server`` and ``python -m batching_server``."""
     args = _parse_args(argv)
@@ -224,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for warning in settings_warnings(settings):
         log.warning("settings_warning", problem=warning)
     try:
+        if args.command == "compile":
+            return compile_cache(settings)
         code = asyncio.run(serve(settings))
     except ModelLoadError as exc:
         log.error("model_load_failed", error=str(exc))

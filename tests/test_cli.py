@@ -42,6 +42,8 @@ def cli_env(tmp_path: Path, **variables: str) -> dict[str, str]:
         "NO_PROXY": "",
         "no_proxy": "",
         "PYTHONUNBUFFERED": "1",
+        # Eager unless a test compiles: auto would load whatever this machine's cache holds.
+        "BATCHING_SERVER_MODEL__COMPILE": "false",
     }
     return env | {f"BATCHING_SERVER_{k}": v for k, v in variables.items()}
 

@@ -334,12 +334,6 @@ class _BatcherWhenStarted:
         return batcher.longest_running_s() if batcher is not None else 0.0
 
 
-# With model.compile, a warm-up pass compiles its shape first: seconds to minutes, more on a
-# small or busy machine, with nothing hung. Warm-up passes then get this many times
-# model.stall_timeout_s before they count as hung; serving passes keep the timeout itself.
-COMPILE_WARMUP_ALLOWANCE = 10
-
-
 async def _watchdog_ctx(app: web.Application) -> AsyncIterator[None]:
     readiness = app[READINESS]
     model = app[SETTINGS].model
@@ -365,7 +359,9 @@ async def _watchdog_ctx(app: web.Application) -> AsyncIterator[None]:
 
         return stalled
 
-    warmup_timeout_s = model.stall_timeout_s * (COMPILE_WARMUP_ALLOWANCE if model.compile else 1)
+    # Compiling happens while the model loads, before any pass is watched: a warm-up pass
+    # is judged like a serving one.
+    warmup_timeout_s = model.stall_timeout_s
     watchdogs = [
         StallWatchdog(
             _BatcherWhenStarted(app),

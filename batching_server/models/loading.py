@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import structlog
 import torch
@@ -11,13 +15,16 @@ from ..core.errors import ModelLoadError
 from ..core.shapes import warmup_sizes
 from ..settings import BatchingSettings, ModelSettings
 from .acceleration import choose_precision
+from .aot import CompiledGraphs, GraphShape, device_identity, graph_key, load_graphs
+from .aot import weights_identity as identify_weights
+from .compile_cache import CompileCache, default_cache_dir
 from .forward import ForwardPass
 from .runner import ModelRunner, solo_pass_pays
 from .spec import ModelSpec
-from .threads import available_cores, plan_threads
+from .threads import ThreadPlan, available_cores, plan_threads
 from .torchvision_spec import RESNET50
 
-__all__ = ["load_runner", "resolve_device"]
+__all__ = ["cache_root", "load_runner", "resolve_device"]
 
 log = structlog.get_logger(__name__)
 
@@ -42,6 +49,85 @@ def _set_interop_threads(count: int) -> None:
             torch.set_num_interop_threads(count)
         except RuntimeError as exc:  # only possible before any inter-op work has started
             log.warning("interop_threads_not_applied", requested=count, error=str(exc))
+
+
+def cache_root(setting: str) -> Path | None:
+    """The folder ``model.compile_cache_dir`` names (None for no cache)."""
+    if setting == "default":
+        return default_cache_dir()
+    return Path(setting) if setting else None
+
+
+@contextlib.contextmanager
+def _cache(settings: ModelSettings) -> Iterator[CompileCache]:
+    root = cache_root(settings.compile_cache_dir)
+    if root is not None:
+        yield CompileCache(root=root)
+        return
+    # No cache: built into a folder that goes once the graphs are loaded.
+    with tempfile.TemporaryDirectory(prefix="batching-server-compile-") as scratch:
+        yield CompileCache(root=Path(scratch))
+
+
+def _compiled_graphs(
+    forward_pass: ForwardPass,
+    settings: ModelSettings,
+    *,
+    spec: ModelSpec,
+    sizes: list[int],
+    threads: ThreadPlan,
+    solo: bool,
+    input_size: int,
+) -> tuple[CompiledGraphs | None, str]:
+    """The compiled graphs ``model.compile`` asks for (None: run eagerly), and why."""
+    device = forward_pass.device
+    if settings.compile == "false":
+        return None, "model.compile is false"
+    # The thread plan's shapes: every batch size on a shared pass's threads, and a lone
+    # image on the solo thread count when it gets a thread of its own.
+    shapes = [(GraphShape(size, threads.threads), threads.concurrent_batches) for size in sizes]
+    if solo:
+        shapes.append((GraphShape(1, threads.solo_threads), 1))
+    weights = identify_weights(settings.weights, settings.seed)
+    hardware = device_identity(device)
+
+    def key(shape: GraphShape) -> dict[str, str]:
+        return graph_key(
+            model=spec.name,
+            weights=weights,
+            precision=forward_pass.precision,
+            channels_last=forward_pass.channels_last,
+            input_size=input_size,
+            shape=shape,
+            device=hardware,
+        )
+
+    def example(size: int) -> torch.Tensor:
+        batch = torch.zeros(size, 3, input_size, input_size, device=device)
+        return batch.contiguous(memory_format=forward_pass.memory_format)
+
+    # auto compiles on a GPU (seconds a shape); on a CPU a first compile takes minutes a
+    # shape, so auto only loads what `batching-server compile` (or an earlier start) built.
+    allow_build = settings.compile == "true" or device.type == "cuda"
+    if not allow_build and not settings.compile_cache_dir:
+        return None, "model.compile is auto on a CPU and there is no cache to load from"
+    with _cache(settings) as cache:
+        graphs = load_graphs(
+            forward_pass.module,
+            cache=cache,
+            shapes=shapes,
+            key=key,
+            example=example,
+            precision=forward_pass.precision,
+            device=device,
+            allow_build=allow_build,
+        )
+    if graphs is None:
+        return None, (
+            "model.compile is auto on a CPU and the cache lacks some shape: run "
+            "`batching-server compile` once to build it (or set model.compile = true)"
+        )
+    return graphs, f"model.compile is {settings.compile}"
 
 
 def load_runner(
@@ -75,19 +161,27 @@ def load_runner(
         device=device,
         precision=precision,
         channels_last=settings.channels_last,
-        compile=settings.compile,
         batch_sizes=batching.batch_sizes,
-        # A one-image batch on every core is one more compiled graph: dynamo guards on the
-        # thread count.
-        expected_graphs=len(shapes) + solo_pass_pays(threads, batching.batch_sizes),
     )
+    input_size = spec.input_size(settings.weights)
+    graphs, compile_reason = _compiled_graphs(
+        forward_pass,
+        settings,
+        spec=spec,
+        sizes=shapes,
+        threads=threads,
+        solo=solo_pass_pays(threads, batching.batch_sizes),
+        input_size=input_size,
+    )
+    if graphs is not None:
+        forward_pass.use_compiled(graphs)
     runner = ModelRunner(
         name=spec.name,
         labels=spec.labels,
         weights=settings.weights,
         forward_pass=forward_pass,
         threads=threads,
-        input_size=spec.input_size(settings.weights),
+        input_size=input_size,
         niceness=niceness,
     )
     log.info(
@@ -98,7 +192,8 @@ def load_runner(
         precision=precision,
         precision_reason=why,
         channels_last=settings.channels_last,
-        compile=settings.compile,
+        compiled=graphs is not None,
+        compile_reason=compile_reason,
         concurrent_batches=threads.concurrent_batches,
         num_threads=threads.threads,
         solo_threads=threads.solo_threads,

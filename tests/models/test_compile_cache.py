@@ -61,19 +61,19 @@ def test_a_changed_key_is_another_entry(tmp_path: Path, change: dict[str, str]) 
     other = {**KEY, **change}
     assert key_digest(other) != key_digest(KEY)
     found = cache.get("b1", other, build=build, load=read)
-    assert found is not None and found.built
+    assert found is not None
+    assert found.built
     assert build.builds == 2
     # Both stay: going back to the first settings builds nothing.
     again = cache.get("b1", KEY, build=build, load=read)
-    assert again is not None and not again.built
+    assert again is not None
+    assert not again.built
     assert build.builds == 2
 
 
 def test_with_building_not_allowed_a_miss_is_none(tmp_path: Path) -> None:
     build = Builder()
-    found = CompileCache(root=tmp_path).get(
-        "b1", KEY, build=build, load=read, allow_build=False
-    )
+    found = CompileCache(root=tmp_path).get("b1", KEY, build=build, load=read, allow_build=False)
     assert found is None
     assert build.builds == 0
 
@@ -90,7 +90,9 @@ def rebuilt(tmp_path: Path) -> tuple[bytes, list[str]]:
     build = Builder(b"rebuilt")
     with structlog.testing.capture_logs() as logs:
         found = CompileCache(root=tmp_path).get("b1", KEY, build=build, load=read)
-    assert found is not None and found.built and build.builds == 1
+    assert found is not None
+    assert found.built
+    assert build.builds == 1
     problems = [e["problem"] for e in logs if e["event"] == "compile_cache_entry_rejected"]
     return found.value, problems
 
@@ -118,7 +120,8 @@ def test_an_entry_without_its_manifest_is_rebuilt(tmp_path: Path) -> None:
     (entry / MANIFEST).unlink()  # a copy that stopped halfway, say
     value, problems = rebuilt(tmp_path)
     assert value == b"rebuilt"
-    assert len(problems) == 1 and problems[0].startswith(f"corrupt: unreadable {MANIFEST}")
+    assert len(problems) == 1
+    assert problems[0].startswith(f"corrupt: unreadable {MANIFEST}")
 
 
 def test_an_artifact_that_does_not_load_is_rebuilt(tmp_path: Path) -> None:
@@ -134,7 +137,8 @@ def test_an_artifact_that_does_not_load_is_rebuilt(tmp_path: Path) -> None:
 
     with structlog.testing.capture_logs() as logs:
         found = CompileCache(root=tmp_path).get("b1", KEY, build=Builder(b"rebuilt"), load=load)
-    assert found is not None and found.value == b"rebuilt"
+    assert found is not None
+    assert found.value == b"rebuilt"
     assert loads == [b"first build", b"rebuilt"]
     problems = [e["problem"] for e in logs if e["event"] == "compile_cache_entry_rejected"]
     assert problems == [f"corrupt: {ARTIFACT} does not load (undefined symbol: an older torch's)"]
@@ -152,7 +156,9 @@ def test_a_build_that_dies_halfway_leaves_no_entry(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # neither an entry nor its staging folder
     build = Builder()
     found = cache.get("b1", KEY, build=build, load=read)
-    assert found is not None and found.built and found.value == b"compiled code"
+    assert found is not None
+    assert found.built
+    assert found.value == b"compiled code"
 
 
 def test_a_half_written_entry_is_never_read(tmp_path: Path) -> None:
@@ -171,10 +177,13 @@ def test_a_half_written_entry_is_never_read(tmp_path: Path) -> None:
 
     found = cache.get("b1", KEY, build=slow_build, load=read)
     assert seen == [b"the other's"]
-    assert found is not None and found.value == b"half and the rest"
+    assert found is not None
+    assert found.value == b"half and the rest"
     # One entry, consistent with its manifest, and no staging or old folders left.
     again = cache.get("b1", KEY, build=Builder(), load=read)
-    assert again is not None and not again.built and again.value == b"half and the rest"
+    assert again is not None
+    assert not again.built
+    assert again.value == b"half and the rest"
     assert [p.name for p in tmp_path.iterdir()] == [found.path.name]
 
 
