@@ -19,7 +19,7 @@ from .core.errors import BatcherClosedError, ModelLoadError
 from .core.readiness import ExitCode
 from .http.app import create_app, create_metrics_app
 from .http.appkeys import BATCHER, READINESS
-from .models import load_runner, torchvision_classifier
+from .models import compile_runner, load_runner, torchvision_classifier
 from .models.loading import cache_root
 from .observability.logs import configure_logging
 from .settings import Settings, SettingsError, load_settings, settings_warnings
@@ -238,7 +238,10 @@ def compile_cache(settings: Settings) -> int:
         batching=settings.batching,
         spec=torchvision_classifier(settings.model.name),
     )
-    runner.close()
+    try:
+        compile_runner(runner, settings.model, batching=settings.batching)
+    finally:
+        runner.close()
     log.info("compile_cache_ready", cache_dir=str(cache_root(settings.model.compile_cache_dir)))
     return ExitCode.OK
 

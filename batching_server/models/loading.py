@@ -21,10 +21,10 @@ from .compile_cache import CompileCache, default_cache_dir
 from .forward import ForwardPass
 from .runner import ModelRunner, solo_pass_pays
 from .spec import ModelSpec
-from .threads import ThreadPlan, available_cores, plan_threads
+from .threads import available_cores, plan_threads
 from .torchvision_spec import RESNET50
 
-__all__ = ["cache_root", "load_runner", "resolve_device"]
+__all__ = ["cache_root", "compile_runner", "load_runner", "resolve_device"]
 
 log = structlog.get_logger(__name__)
 
@@ -69,31 +69,58 @@ def _cache(settings: ModelSettings) -> Iterator[CompileCache]:
         yield CompileCache(root=Path(scratch))
 
 
+def compile_runner(
+    runner: ModelRunner, settings: ModelSettings, *, batching: BatchingSettings | None = None
+) -> bool:
+    """Give ``runner`` the compiled graphs ``model.compile`` asks for, loaded from the cache
+    or built into it (blocking: minutes for a first build on a CPU). True when it runs them;
+    logs ``model_compiled`` either way, with the reason."""
+    started = time.perf_counter()
+    graphs, reason = _compiled_graphs(runner, settings, batching or BatchingSettings())
+    if graphs is not None:
+        runner.forward_pass.use_compiled(graphs)
+    log.info(
+        "model_compiled" if graphs is not None else "model_not_compiled",
+        compile=settings.compile,
+        reason=reason,
+        graphs=len(graphs.graphs) if graphs is not None else 0,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    return graphs is not None
+
+
+def _builds_first(settings: ModelSettings, device: torch.device) -> bool:
+    """Whether a graph missing from the cache is compiled now, rather than run eagerly."""
+    # auto compiles on a GPU (seconds a shape); on a CPU a first compile takes minutes a
+    # shape, so auto only loads what `batching-server compile` (or an earlier start) built.
+    return settings.compile == "true" or device.type == "cuda"
+
+
 def _compiled_graphs(
-    forward_pass: ForwardPass,
-    settings: ModelSettings,
-    *,
-    spec: ModelSpec,
-    sizes: list[int],
-    threads: ThreadPlan,
-    solo: bool,
-    input_size: int,
+    runner: ModelRunner, settings: ModelSettings, batching: BatchingSettings
 ) -> tuple[CompiledGraphs | None, str]:
     """The compiled graphs ``model.compile`` asks for (None: run eagerly), and why."""
+    forward_pass = runner.forward_pass
     device = forward_pass.device
     if settings.compile == "false":
         return None, "model.compile is false"
+    allow_build = _builds_first(settings, device)
+    if not allow_build and not settings.compile_cache_dir:
+        return None, "model.compile is auto on a CPU and there is no cache to load from"
     # The thread plan's shapes: every batch size on a shared pass's threads, and a lone
     # image on the solo thread count when it gets a thread of its own.
+    threads = runner.threads
+    sizes = warmup_sizes(batching.max_batch_size, batching.batch_sizes)
     shapes = [(GraphShape(size, threads.threads), threads.concurrent_batches) for size in sizes]
-    if solo:
+    if solo_pass_pays(threads, batching.batch_sizes):
         shapes.append((GraphShape(1, threads.solo_threads), 1))
     weights = identify_weights(settings.weights, settings.seed)
     hardware = device_identity(device)
+    input_size = runner.input_size
 
     def key(shape: GraphShape) -> dict[str, str]:
         return graph_key(
-            model=spec.name,
+            model=runner.name,
             weights=weights,
             precision=forward_pass.precision,
             channels_last=forward_pass.channels_last,
@@ -106,11 +133,6 @@ def _compiled_graphs(
         batch = torch.zeros(size, 3, input_size, input_size, device=device)
         return batch.contiguous(memory_format=forward_pass.memory_format)
 
-    # auto compiles on a GPU (seconds a shape); on a CPU a first compile takes minutes a
-    # shape, so auto only loads what `batching-server compile` (or an earlier start) built.
-    allow_build = settings.compile == "true" or device.type == "cuda"
-    if not allow_build and not settings.compile_cache_dir:
-        return None, "model.compile is auto on a CPU and there is no cache to load from"
     with _cache(settings) as cache:
         graphs = load_graphs(
             forward_pass.module,
@@ -155,7 +177,6 @@ def load_runner(
     _set_interop_threads(settings.interop_threads)
     started = time.perf_counter()
     module = spec.build(settings.weights, seed=settings.seed)
-    shapes = warmup_sizes(batching.max_batch_size, batching.batch_sizes)
     forward_pass = ForwardPass(
         module=module,
         device=device,
@@ -163,25 +184,13 @@ def load_runner(
         channels_last=settings.channels_last,
         batch_sizes=batching.batch_sizes,
     )
-    input_size = spec.input_size(settings.weights)
-    graphs, compile_reason = _compiled_graphs(
-        forward_pass,
-        settings,
-        spec=spec,
-        sizes=shapes,
-        threads=threads,
-        solo=solo_pass_pays(threads, batching.batch_sizes),
-        input_size=input_size,
-    )
-    if graphs is not None:
-        forward_pass.use_compiled(graphs)
     runner = ModelRunner(
         name=spec.name,
         labels=spec.labels,
         weights=settings.weights,
         forward_pass=forward_pass,
         threads=threads,
-        input_size=input_size,
+        input_size=spec.input_size(settings.weights),
         niceness=niceness,
     )
     log.info(
@@ -192,8 +201,7 @@ def load_runner(
         precision=precision,
         precision_reason=why,
         channels_last=settings.channels_last,
-        compiled=graphs is not None,
-        compile_reason=compile_reason,
+        compile=settings.compile,
         concurrent_batches=threads.concurrent_batches,
         num_threads=threads.threads,
         solo_threads=threads.solo_threads,

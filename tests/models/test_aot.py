@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,9 @@ import torch
 from torch import nn
 
 import batching_server.__main__ as cli
-from batching_server.models import aot, load_runner, loading
+from batching_server.http.app import create_app
+from batching_server.http.appkeys import READINESS, RUNNER
+from batching_server.models import RESNET50, aot, compile_runner, load_runner, loading
 from batching_server.models.aot import GraphShape, graph_key, weights_identity
 from batching_server.models.compile_cache import ARTIFACT, MANIFEST
 from batching_server.settings import Settings
@@ -53,7 +56,7 @@ class TinySpec:
             )
 
     def transform(self, weights: str) -> nn.Module:
-        raise NotImplementedError  # nothing here decodes images
+        return RESNET50.transform("random")  # the app's decode pool wants one; nothing decodes
 
 
 class CountingBuilds:
@@ -125,13 +128,14 @@ def test_auto_on_a_cpu_with_an_empty_cache_runs_eagerly(
 ) -> None:
     builds = CountingBuilds(monkeypatch)
     settings = tiny_settings(tmp_path / "cache", compile="auto")
+    runner = load_runner(settings.model, batching=settings.batching, spec=TinySpec())
     with structlog.testing.capture_logs() as logs:
-        runner = load_runner(settings.model, batching=settings.batching, spec=TinySpec())
+        assert not compile_runner(runner, settings.model, batching=settings.batching)
     runner.close()
     assert not runner.forward_pass.compiled
     assert builds.shapes == []
-    loaded = next(e for e in logs if e["event"] == "model_loaded")
-    assert "run `batching-server compile`" in loaded["compile_reason"]
+    [event] = [e for e in logs if e["event"] == "model_not_compiled"]
+    assert "run `batching-server compile`" in event["reason"]
 
 
 def test_false_never_looks_at_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,13 +145,14 @@ def test_false_never_looks_at_the_cache(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(loading, "load_graphs", never)
     settings = tiny_settings(tmp_path / "cache", compile=False)  # a boolean still works
     runner = load_runner(settings.model, batching=settings.batching, spec=TinySpec())
+    assert not compile_runner(runner, settings.model, batching=settings.batching)
     runner.close()
     assert not runner.forward_pass.compiled
 
 
 @pytest.mark.slow
-def test_compile_builds_the_cache_and_a_start_loads_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_compile_builds_the_cache_and_a_start_loads_it(
+    aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``batching-server compile`` exits 0 having built every shape; a start with
     ``model.compile = auto`` then loads them without compiling, and serves what eager does."""
@@ -182,9 +187,10 @@ def test_compile_builds_the_cache_and_a_start_loads_it(
     assert "batch_norm" not in code
 
     settings = tiny_settings(cache, compile="auto", precision="fp32")
-    with structlog.testing.capture_logs() as logs:
-        runner = load_runner(settings.model, batching=settings.batching, spec=TinySpec())
+    runner = load_runner(settings.model, batching=settings.batching, spec=TinySpec())
     try:
+        with structlog.testing.capture_logs() as logs:
+            assert compile_runner(runner, settings.model, batching=settings.batching)
         assert builds.shapes == [2]  # loaded, not built again
         assert runner.forward_pass.compiled
         assert [e["event"] for e in logs if e["event"].startswith("compiled_graph")] == [
@@ -204,9 +210,20 @@ def test_compile_builds_the_cache_and_a_start_loads_it(
     finally:
         runner.close()
 
+    # A server's start loads them while warming up, and is ready with them.
+    with structlog.testing.capture_logs() as logs:
+        app = await ready_app(aiohttp_client, tiny_settings(cache, compile="auto", warmup=True))
+    assert app[READINESS].ready
+    assert app[RUNNER].forward_pass.compiled
+    assert builds.shapes == [2]
+    assert [e["event"] for e in logs if e["event"].startswith("compiled_graph")] == [
+        "compiled_graph_loaded"
+    ]
+
     # Other weights are another key: that start compiles its own.
     settings = tiny_settings(cache, compile="auto", seed=7)
     runner = load_runner(settings.model, batching=settings.batching, spec=TinySpec())
+    assert not compile_runner(runner, settings.model, batching=settings.batching)
     runner.close()
     assert not runner.forward_pass.compiled  # auto on a CPU: never a first compile
     assert builds.shapes == [2]
@@ -221,3 +238,43 @@ def test_compile_refuses_without_a_cache_folder(
         code = cli.main(["compile", "--settings", str(tmp_path / "settings.toml")])
     assert code == 2
     assert any("model.compile_cache_dir is empty" in e.get("error", "") for e in logs)
+
+
+async def ready_app(aiohttp_client: Any, settings: Settings) -> Any:
+    """The app as a start makes it (it loads the model itself), once ready or failed."""
+    app = create_app(settings, spec=TinySpec())
+    await aiohttp_client(app)
+    readiness = app[READINESS]
+    waits = {
+        asyncio.create_task(readiness.wait_ready()),
+        asyncio.create_task(readiness.wait_failed()),
+    }
+    _, pending = await asyncio.wait(waits, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    return app
+
+
+@pytest.mark.parametrize("mode", ["auto", "true"])
+async def test_a_start_whose_compile_fails(
+    aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """auto serves eagerly (same answers, slower); true fails the start, as asked."""
+
+    def fails(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(loading, "load_graphs", fails)
+    settings = tiny_settings(tmp_path, compile=mode)
+    # On a CPU, auto only loads; pretend a GPU so that it would build.
+    monkeypatch.setattr(loading, "_builds_first", lambda settings, device: True)
+    with structlog.testing.capture_logs() as logs:
+        app = await ready_app(aiohttp_client, settings)
+    assert any(e["event"] == "compile_failed" for e in logs)
+    readiness = app[READINESS]
+    if mode == "auto":
+        assert readiness.ready
+        assert not app[RUNNER].forward_pass.compiled
+    else:
+        assert readiness.failed
+        assert "compiling the model failed: RuntimeError" in readiness.reason
