@@ -31,7 +31,7 @@ from torch import nn
 
 from batching_server.core.batcher import BatchInfo
 from batching_server.core.shapes import padded_size, warmup_sizes
-from batching_server.models import ImageInput, ModelRunner, Prediction, load_runner
+from batching_server.models import ImageInput, ModelRunner, Prediction, compile_runner, load_runner
 from batching_server.observability.logs import configure_logging
 from batching_server.settings import settings_from_mapping
 
@@ -85,7 +85,10 @@ def load(
             },
         }
     )
-    return load_runner(settings.model, batching=settings.batching)
+    classifier = load_runner(settings.model, batching=settings.batching)
+    if compile:
+        compile_runner(classifier, settings.model, batching=settings.batching)
+    return classifier
 
 
 def check_precision(classifier: ModelRunner, expected: str) -> CheckResult:
