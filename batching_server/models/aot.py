@@ -261,14 +261,27 @@ class CompiledGraphs:
         self.graphs = dict(graphs)
         self._fallback = fallback
         self._lock = threading.Lock()
+        self._missing: set[GraphShape] = set()
         self.fallbacks = 0
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        graph = self.graphs.get(GraphShape(batch.shape[0], torch.get_num_threads()))
+        shape = GraphShape(batch.shape[0], torch.get_num_threads())
+        graph = self.graphs.get(shape)
         if graph is not None:
             return graph(batch)
         with self._lock:
             self.fallbacks += 1
+            first = shape not in self._missing
+            self._missing.add(shape)
+        if first:
+            # Every shape the batcher sends was compiled, so this is a caller's odd thread
+            # count or size: loud once, as each such pass runs at eager speed.
+            log.warning(
+                "compiled_graph_missing",
+                batch_size=shape.batch_size,
+                threads=shape.threads,
+                compiled=sorted((g.batch_size, g.threads) for g in self.graphs),
+            )
         return self._fallback(batch)
 
 

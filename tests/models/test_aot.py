@@ -205,8 +205,13 @@ async def test_compile_builds_the_cache_and_a_start_loads_it(
         torch.testing.assert_close(runner.forward(batch), torch.softmax(eager, dim=1))
         assert graphs.fallbacks == 0
         # A thread count no plan uses has no graph: it runs eagerly, and is counted.
-        torch.testing.assert_close(runner.forward(batch, threads=1), torch.softmax(eager, dim=1))
-        assert graphs.fallbacks == 1
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(2):
+                got = runner.forward(batch, threads=1)
+                torch.testing.assert_close(got, torch.softmax(eager, dim=1))
+        assert graphs.fallbacks == 2
+        [missing] = [e for e in logs if e["event"] == "compiled_graph_missing"]  # logged once
+        assert (missing["batch_size"], missing["threads"]) == (2, 1)
     finally:
         runner.close()
 
