@@ -26,7 +26,7 @@ from .settings import Settings, SettingsError, load_settings, settings_warnings
 # The app (and with it torch) is imported where it is used: a supervisor of worker
 # processes runs this module too, and stays light.
 
-__all__ = ["WorkerRuntime", "cannot_listen_message", "main", "serve"]
+__all__ = ["WorkerRuntime", "cannot_listen_message", "compile_cache", "main", "serve"]
 
 log = structlog.get_logger("batching_server")
 
@@ -43,6 +43,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         help="settings TOML file (default: ./settings.toml when it exists); "
         "BATCHING_SERVER_* environment variables override it",
+    )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=("serve", "compile"),
+        default="serve",
+        help="serve (the default), or compile: build the compiled forward passes of these "
+        "settings into model.compile_cache_dir, then exit",
     )
     parser.add_argument("--host", help="interface to bind (overrides server.host)")
     parser.add_argument("--port", type=int, help="TCP port (overrides server.port)")
@@ -264,6 +272,34 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
+def compile_cache(settings: Settings) -> int:
+    """Build (or check) every compiled forward pass the settings need; the exit status."""
+    from .models import compile_runner, load_runner, torchvision_classifier
+    from .models.loading import cache_root
+
+    if not settings.model.compile_cache_dir:
+        log.error(
+            "compile_needs_a_cache",
+            error="model.compile_cache_dir is empty, so nothing compiled would be kept: "
+            "set it to a folder, or to 'default'",
+        )
+        return ExitCode.BAD_SETTINGS
+    # Built as a start with model.compile = true would build them, so that a start with
+    # these settings (compile true or auto) loads every one.
+    settings = settings.replace(model={"compile": "true"})
+    runner = load_runner(
+        settings.model,
+        batching=settings.batching,
+        spec=torchvision_classifier(settings.model.name),
+    )
+    try:
+        compile_runner(runner, settings.model, batching=settings.batching)
+    finally:
+        runner.close()
+    log.info("compile_cache_ready", cache_dir=str(cache_root(settings.model.compile_cache_dir)))
+    return ExitCode.OK
+
+
 def main(argv: Sequence[str] | None = None, *, worker: WorkerRuntime | None = None) -> int:
     """Entry point of ``batching-server`` and ``python -m batching_server``.
 
@@ -281,7 +317,7 @@ def main(argv: Sequence[str] | None = None, *, worker: WorkerRuntime | None = No
         fmt=settings.logging.format,
         fields={"worker": worker.role.index} if worker is not None else None,
     )
-    if worker is None and settings.server.workers != 1:
+    if worker is None and args.command != "compile" and settings.server.workers != 1:
         from .workers.assignment import worker_count
 
         count = worker_count(settings.server.workers)
@@ -294,6 +330,8 @@ def main(argv: Sequence[str] | None = None, *, worker: WorkerRuntime | None = No
     for warning in settings_warnings(settings):
         log.warning("settings_warning", problem=warning)
     try:
+        if args.command == "compile":
+            return compile_cache(settings)
         code = asyncio.run(serve(settings, worker=worker))
     except ModelLoadError as exc:
         log.error("model_load_failed", error=str(exc))

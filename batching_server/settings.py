@@ -128,6 +128,35 @@ def _check_host(value: Any) -> str:
 
 
 _host = Check(_HOST, _check_host)
+
+_COMPILE = "'auto', 'true' or 'false' (or a boolean)"
+
+
+def _check_compile(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str) and value.lower() in ("auto", "true", "false"):
+        return value.lower()
+    raise ValueError(_COMPILE)
+
+
+_compile_choice = Check(_COMPILE, _check_compile)
+
+_CACHE_DIR = "'default', '' (no cache) or the path of a folder"
+
+
+def _check_cache_dir(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(_CACHE_DIR)
+    if value in ("", "default"):
+        return value
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{_CACHE_DIR} (it is a file)")
+    return str(path)
+
+
+_cache_dir = Check(_CACHE_DIR, _check_cache_dir)
 # Empty stands for server.host; a bad value is still reported in _host's words.
 _host_or_empty = Check(
     f"empty, or {_HOST}", lambda value: "" if value == "" else _check_host(value)
@@ -439,13 +468,31 @@ class ModelSettings:
         "NHWC memory format",
         "Faster convolutions on CPU (oneDNN) and on GPU tensor cores.",
     )
-    compile: bool = _setting(
-        False,
-        _boolean,
-        "torch.compile (inductor, weight freezing) at warm-up",
-        """Compiled forward passes are faster, but warm-up compiles every batch shape before the
-        server reports ready, which is slow on a CPU, so it is opt-in. Turn it on with
-        `batching.batch_sizes` set, so that only those shapes are compiled.""",
+    compile: str = _setting(
+        "auto",
+        _compile_choice,
+        "Ahead-of-time compiled forward passes (AOTInductor), cached on disk",
+        """Each batch shape is exported and compiled once (with weight freezing) and kept in
+        `model.compile_cache_dir`, so only the first start with given settings compiles: minutes
+        on a small CPU, with each shape's progress in the logs; later starts load the compiled
+        code in seconds. Build the cache before deploying with `batching-server compile`.
+        `auto` compiles on a GPU, and on a CPU only when the cache already holds every shape (a
+        first start on a CPU would otherwise wait minutes): run `batching-server compile` once to
+        turn it on. `true` compiles wherever the cache misses; `false` runs eagerly. Set
+        `batching.batch_sizes`, such as `[1, 2, 4, 8]`, so that only those shapes are
+        compiled.""",
+    )
+    compile_cache_dir: str = _setting(
+        "default",
+        _cache_dir,
+        "Folder of the compiled forward passes ('default': the user's cache folder; '': none)",
+        """`default` is `$XDG_CACHE_HOME/batching_server/compiled`, or
+        `~/.cache/batching_server/compiled`. One entry per shape, named by a digest of what
+        changes the compiled code (model, weights, precision, memory format, batch shape,
+        thread count, torch and torchvision versions, CPU model and features or GPU), with a
+        manifest and a checksum: a stale or corrupt entry is logged and rebuilt. Entries for
+        other settings stay until the folder is deleted. Empty: compile into a temporary folder
+        at every start, and `auto` never compiles on a CPU.""",
     )
     seed: int = _setting(0, _integer(0, 2**32 - 1), "Seed of the 'random' weights")
     stall_timeout_s: float = _setting(
@@ -455,8 +502,7 @@ class ModelSettings:
         """A hung pass makes `/ready` and `/health` answer 503 and queued requests fail with 503,
         and the process exits with status 4 so that its supervisor restarts it: a thread stuck in
         native code cannot be stopped. Keep it well above the slowest forward pass of the largest
-        batch. Warm-up passes are watched too; with `model.compile` they may run ten times this
-        long, since the first pass of each shape compiles it.""",
+        batch. Warm-up passes are watched too.""",
     )
 
 

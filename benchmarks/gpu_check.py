@@ -38,7 +38,14 @@ from torch import nn
 
 from batching_server.core.batcher import BatchInfo, ItemFailed
 from batching_server.core.shapes import padded_size, warmup_sizes
-from batching_server.models import RESNET50, ImageInput, ModelRunner, Prediction, load_runner
+from batching_server.models import (
+    RESNET50,
+    ImageInput,
+    ModelRunner,
+    Prediction,
+    compile_runner,
+    load_runner,
+)
 from batching_server.models.device_preprocess import DevicePreprocessor
 from batching_server.models.loading import device_preprocessor
 from batching_server.observability.logs import configure_logging
@@ -102,7 +109,10 @@ def load(
             },
         }
     )
-    return load_runner(settings.model, batching=settings.batching)
+    classifier = load_runner(settings.model, batching=settings.batching)
+    if compile:
+        compile_runner(classifier, settings.model, batching=settings.batching)
+    return classifier
 
 
 def check_precision(classifier: ModelRunner, expected: str) -> CheckResult:

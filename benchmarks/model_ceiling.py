@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from batching_server.models import RESNET50, ModelRunner, load_runner
+from batching_server.models import RESNET50, ModelRunner, compile_runner, load_runner
 from batching_server.models.acceleration import cpu_flags
 from batching_server.models.threads import available_cores
 from batching_server.observability.logs import configure_logging
@@ -115,7 +115,11 @@ def build_classifier(
             },
         }
     )
-    return load_runner(settings.model, batching=settings.batching)
+    runner = load_runner(settings.model, batching=settings.batching)
+    if spec.compile:
+        # As a server start does: from the compile cache, built into it the first time.
+        compile_runner(runner, settings.model, batching=settings.batching)
+    return runner
 
 
 def fixed_batch(batch_size: int, seed: int = INPUT_SEED) -> torch.Tensor:

@@ -30,6 +30,8 @@ def make_settings(**sections: dict[str, Any]) -> Settings:
             "device": "cpu",
             "precision": "fp32",
             "channels_last": False,
+            # Eager unless a test compiles: auto would load whatever this machine's cache holds.
+            "compile": "false",
         },
         # One forward pass at a time: gated-model tests hold the only batch slot. How the
         # cores are shared out among several passes has its own tests (test_threads.py).

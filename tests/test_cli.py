@@ -45,6 +45,8 @@ def cli_env(tmp_path: Path, **variables: str) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         # No gRPC port unless a test asks: servers run side by side, and 8001 may be taken.
         "BATCHING_SERVER_OIP__GRPC_PORT": "0",
+        # Eager unless a test compiles: auto would load whatever this machine's cache holds.
+        "BATCHING_SERVER_MODEL__COMPILE": "false",
     }
     return env | {f"BATCHING_SERVER_{k}": v for k, v in variables.items()}
 

@@ -31,7 +31,7 @@ from ..core.fleet import WorkerRole
 from ..core.readiness import ExitCode, Readiness
 from ..core.shapes import warmup_sizes
 from ..core.watchdog import PassTimer, StallWatchdog
-from ..models.loading import load_runner
+from ..models.loading import compile_runner, load_runner
 from ..models.runner import ModelRunner
 from ..models.spec import ModelSpec
 from ..models.threads import (
@@ -269,7 +269,9 @@ def _model_ctx(
             parameter_bytes=runner.forward_pass.parameter_bytes,
             compiles_after_warmup=lambda: runner.compiles_after_warmup,
         )
-        warmup = asyncio.create_task(_warm_up(app, runner), name="model-warmup")
+        warmup = asyncio.create_task(
+            _warm_up(app, runner, compile=injected is None), name="model-warmup"
+        )
         try:
             yield
         finally:
@@ -282,9 +284,22 @@ def _model_ctx(
     return model_ctx
 
 
-async def _warm_up(app: web.Application, runner: ModelRunner) -> None:
+async def _warm_up(app: web.Application, runner: ModelRunner, *, compile: bool) -> None:
     settings = app[SETTINGS]
     readiness = app[READINESS]
+    if compile and settings.model.compile != "false":
+        # After the port opens, so /health answers while a first start compiles (minutes).
+        readiness.mark_not_ready("compiling the model")
+        try:
+            await asyncio.to_thread(
+                compile_runner, runner, settings.model, batching=settings.batching
+            )
+        except Exception as exc:
+            log.exception("compile_failed")
+            if settings.model.compile == "true":
+                readiness.mark_failed(f"compiling the model failed: {type(exc).__name__}")
+                return
+            # auto: the eager model serves the same answers, only slower.
     if settings.model.warmup:
         readiness.mark_not_ready("warming up the model")
         sizes = warmup_sizes(settings.batching.max_batch_size, settings.batching.batch_sizes)
@@ -376,12 +391,6 @@ class _BatcherWhenStarted:
         return batcher.longest_running_s() if batcher is not None else 0.0
 
 
-# With model.compile, a warm-up pass compiles its shape first: seconds to minutes, more on a
-# small or busy machine, with nothing hung. Warm-up passes then get this many times
-# model.stall_timeout_s before they count as hung; serving passes keep the timeout itself.
-COMPILE_WARMUP_ALLOWANCE = 10
-
-
 async def _watchdog_ctx(app: web.Application) -> AsyncIterator[None]:
     readiness = app[READINESS]
     model = app[SETTINGS].model
@@ -407,7 +416,9 @@ async def _watchdog_ctx(app: web.Application) -> AsyncIterator[None]:
 
         return stalled
 
-    warmup_timeout_s = model.stall_timeout_s * (COMPILE_WARMUP_ALLOWANCE if model.compile else 1)
+    # Compiling happens while the model loads, before any pass is watched: a warm-up pass
+    # is judged like a serving one.
+    warmup_timeout_s = model.stall_timeout_s
     watchdogs = [
         StallWatchdog(
             _BatcherWhenStarted(app),

@@ -1,7 +1,7 @@
 """The model: a spec per model family, the forward pass, and the runner that owns its threads."""
 
 from .forward import ForwardPass
-from .loading import load_runner, resolve_device
+from .loading import compile_runner, load_runner, resolve_device
 from .runner import ImageInput, ModelRunner, Prediction, Ranked
 from .spec import ModelSpec
 from .threads import ThreadPlan, plan_threads
@@ -25,6 +25,7 @@ __all__ = [
     "TorchvisionClassifier",
     "UnknownModelError",
     "classification_models",
+    "compile_runner",
     "load_runner",
     "plan_threads",
     "resolve_device",

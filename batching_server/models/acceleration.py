@@ -1,20 +1,17 @@
-"""How the forward pass runs fast: precision (autocast) and torch.compile with fixed shapes."""
+"""How the forward pass runs fast: precision (autocast), and what the hardware offers."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 __all__ = [
     "autocast",
     "choose_precision",
-    "compile_module",
     "compiled_graphs",
     "cpu_flags",
 ]
@@ -61,42 +58,3 @@ def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
-
-
-def compile_module(
-    module: nn.Module, *, shapes: int, cpp_wrapper: bool = False
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``torch.compile`` with inductor and weight freezing, one static graph per batch shape.
-
-    ``cpp_wrapper`` runs each graph from C++ without the GIL (for CPU graphs).
-    """
-    import torch._dynamo.config as dynamo_config
-    import torch._inductor.config as inductor_config
-
-    # One graph per batch shape; past the recompile limit dynamo would silently fall back
-    # to eager for the extra shapes.
-    limit = max(8, shapes + 2)
-    limits = {
-        name: max(getattr(dynamo_config, name), limit)
-        for name in ("cache_size_limit", "recompile_limit")
-        if hasattr(dynamo_config, name)
-    }
-    compiled = torch.compile(module, backend="inductor", dynamic=False)
-
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        # torch keeps config changes in context variables, so a change made here, in the
-        # loading thread, is unset in the model thread that compiles and calls: there the
-        # graph was built without freezing, and ran slower. So the config goes
-        # around every call, in whichever thread and context makes it. Freezing folds batch
-        # norm into the convolutions and pre-packs weights for oneDNN (inference only).
-        # Python's wrapper calls each fused CPU kernel holding the GIL, so a forward pass
-        # in one thread stalls the event loop and any other model thread for milliseconds
-        # at a time; the C++ wrapper releases the GIL for the whole graph.
-        with (
-            inductor_config.patch(freezing=True, cpp_wrapper=cpp_wrapper),
-            dynamo_config.patch(limits),
-        ):
-            result: torch.Tensor = compiled(batch)
-        return result
-
-    return run

@@ -1,6 +1,6 @@
 """``ForwardPass``: one batch tensor to class probabilities, blocking, in the calling thread.
 
-It owns how the network runs (device, precision, memory format, torch.compile, padding to
+It owns how the network runs (device, precision, memory format, compiled graphs, padding to
 the allowed batch shapes, a CUDA stream per thread), not which thread runs it or when: that
 is the runner's.
 """
@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..core.shapes import padded_size
-from .acceleration import autocast, compile_module
+from .acceleration import autocast
 
 __all__ = ["ForwardPass"]
 
@@ -31,14 +31,12 @@ class ForwardPass:
         device: torch.device,
         precision: str = "fp32",
         channels_last: bool = False,
-        compile: bool = False,
         batch_sizes: Sequence[int] = (),
-        expected_graphs: int = 1,
     ) -> None:
         self.device = device
         self.precision = precision
         self.channels_last = channels_last
-        self.compiled = compile
+        self.compiled = False  # until use_compiled
         self.batch_sizes = tuple(batch_sizes)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # No parameter needs a gradient here. With none, autocast never fills its weight-cast
@@ -49,12 +47,13 @@ class ForwardPass:
         self.module = (
             module.eval().requires_grad_(False).to(device).to(memory_format=self.memory_format)
         )
-        self._run: Any = self.module
-        if compile:
-            self._run = compile_module(
-                self.module, shapes=expected_graphs, cpp_wrapper=device.type == "cpu"
-            )
+        self._run: Callable[[torch.Tensor], torch.Tensor] = self.module
         self._local = threading.local()
+
+    def use_compiled(self, graphs: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Run ``graphs`` (compiled ahead of time for this network) instead of the module."""
+        self._run = graphs
+        self.compiled = True
 
     @property
     def parameter_bytes(self) -> int:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import structlog
 import torch
@@ -13,6 +17,9 @@ from ..preprocess.preprocessor import Preprocessor
 from ..preprocess.transforms import resize_crop_normalize
 from ..settings import BatchingSettings, LimitsSettings, ModelSettings, PreprocessSettings
 from .acceleration import choose_precision
+from .aot import CompiledGraphs, GraphShape, device_identity, graph_key, load_graphs
+from .aot import weights_identity as identify_weights
+from .compile_cache import CompileCache, default_cache_dir
 from .device_preprocess import (
     DevicePreprocessor,
     cuda_free_bytes,
@@ -25,7 +32,7 @@ from .spec import ModelSpec
 from .threads import available_cores, plan_threads
 from .torchvision_spec import RESNET50
 
-__all__ = ["device_preprocessor", "load_runner", "resolve_device"]
+__all__ = ["cache_root", "compile_runner", "device_preprocessor", "load_runner", "resolve_device"]
 
 log = structlog.get_logger(__name__)
 
@@ -87,6 +94,107 @@ def device_preprocessor(
     )
 
 
+def cache_root(setting: str) -> Path | None:
+    """The folder ``model.compile_cache_dir`` names (None for no cache)."""
+    if setting == "default":
+        return default_cache_dir()
+    return Path(setting) if setting else None
+
+
+@contextlib.contextmanager
+def _cache(settings: ModelSettings) -> Iterator[CompileCache]:
+    root = cache_root(settings.compile_cache_dir)
+    if root is not None:
+        yield CompileCache(root=root)
+        return
+    # No cache: built into a folder that goes once the graphs are loaded.
+    with tempfile.TemporaryDirectory(prefix="batching-server-compile-") as scratch:
+        yield CompileCache(root=Path(scratch))
+
+
+def compile_runner(
+    runner: ModelRunner, settings: ModelSettings, *, batching: BatchingSettings | None = None
+) -> bool:
+    """Give ``runner`` the compiled graphs ``model.compile`` asks for, loaded from the cache
+    or built into it (blocking: minutes for a first build on a CPU). True when it runs them;
+    logs ``model_compiled`` either way, with the reason."""
+    started = time.perf_counter()
+    graphs, reason = _compiled_graphs(runner, settings, batching or BatchingSettings())
+    if graphs is not None:
+        runner.forward_pass.use_compiled(graphs)
+    log.info(
+        "model_compiled" if graphs is not None else "model_not_compiled",
+        compile=settings.compile,
+        reason=reason,
+        graphs=len(graphs.graphs) if graphs is not None else 0,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    return graphs is not None
+
+
+def _builds_first(settings: ModelSettings, device: torch.device) -> bool:
+    """Whether a graph missing from the cache is compiled now, rather than run eagerly."""
+    # auto compiles on a GPU (seconds a shape); on a CPU a first compile takes minutes a
+    # shape, so auto only loads what `batching-server compile` (or an earlier start) built.
+    return settings.compile == "true" or device.type == "cuda"
+
+
+def _compiled_graphs(
+    runner: ModelRunner, settings: ModelSettings, batching: BatchingSettings
+) -> tuple[CompiledGraphs | None, str]:
+    """The compiled graphs ``model.compile`` asks for (None: run eagerly), and why."""
+    forward_pass = runner.forward_pass
+    device = forward_pass.device
+    if settings.compile == "false":
+        return None, "model.compile is false"
+    allow_build = _builds_first(settings, device)
+    if not allow_build and not settings.compile_cache_dir:
+        return None, "model.compile is auto on a CPU and there is no cache to load from"
+    # The thread plan's shapes: every batch size on a shared pass's threads, and a lone
+    # image on the solo thread count when it gets a thread of its own.
+    threads = runner.threads
+    sizes = warmup_sizes(batching.max_batch_size, batching.batch_sizes)
+    shapes = [(GraphShape(size, threads.threads), threads.concurrent_batches) for size in sizes]
+    if solo_pass_pays(threads, batching.batch_sizes):
+        shapes.append((GraphShape(1, threads.solo_threads), 1))
+    weights = identify_weights(settings.weights, settings.seed)
+    hardware = device_identity(device)
+    input_size = runner.input_size
+
+    def key(shape: GraphShape) -> dict[str, str]:
+        return graph_key(
+            model=runner.name,
+            weights=weights,
+            precision=forward_pass.precision,
+            channels_last=forward_pass.channels_last,
+            input_size=input_size,
+            shape=shape,
+            device=hardware,
+        )
+
+    def example(size: int) -> torch.Tensor:
+        batch = torch.zeros(size, 3, input_size, input_size, device=device)
+        return batch.contiguous(memory_format=forward_pass.memory_format)
+
+    with _cache(settings) as cache:
+        graphs = load_graphs(
+            forward_pass.module,
+            cache=cache,
+            shapes=shapes,
+            key=key,
+            example=example,
+            precision=forward_pass.precision,
+            device=device,
+            allow_build=allow_build,
+        )
+    if graphs is None:
+        return None, (
+            "model.compile is auto on a CPU and the cache lacks some shape: run "
+            "`batching-server compile` once to build it (or set model.compile = true)"
+        )
+    return graphs, f"model.compile is {settings.compile}"
+
+
 def load_runner(
     settings: ModelSettings,
     *,
@@ -117,17 +225,12 @@ def load_runner(
     _set_interop_threads(settings.interop_threads)
     started = time.perf_counter()
     module = spec.build(settings.weights, seed=settings.seed)
-    shapes = warmup_sizes(batching.max_batch_size, batching.batch_sizes)
     forward_pass = ForwardPass(
         module=module,
         device=device,
         precision=precision,
         channels_last=settings.channels_last,
-        compile=settings.compile,
         batch_sizes=batching.batch_sizes,
-        # A one-image batch on every core is one more compiled graph: dynamo guards on the
-        # thread count.
-        expected_graphs=len(shapes) + solo_pass_pays(threads, batching.batch_sizes),
     )
     runner = ModelRunner(
         name=spec.name,

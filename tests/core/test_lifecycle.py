@@ -117,26 +117,6 @@ async def test_a_warmup_pass_that_hangs_is_a_stall(spy: SpyRunner) -> None:
     await asyncio.wait_for(runner.cleanup(), BOUND_S)
 
 
-async def test_with_compile_a_warmup_pass_may_run_ten_stall_timeouts(spy: SpyRunner) -> None:
-    """Its first pass compiles the shape: minutes on a small machine, with nothing hung."""
-    clock = FakeClock()
-    spy.warmup_gate.clear()
-    settings = make_settings(
-        model={"warmup": True, "compile": True, "stall_timeout_s": 5.0},
-        batching={"max_batch_size": 2},
-    )
-    app = app_for(spy, settings, clock=clock)
-    runner = await started(app)
-    readiness = app[READINESS]
-    await spy.warmup_started.wait()
-    clock.now = 51.0  # past ten stall timeouts: hung after all
-    await asyncio.wait_for(readiness.wait_failed(), BOUND_S)
-    assert readiness.exit_code == ExitCode.MODEL_STALLED
-    # Judged against the warm-up allowance, not the serving timeout.
-    assert "(limit 50 s," in readiness.reason
-    await asyncio.wait_for(runner.cleanup(), BOUND_S)
-
-
 async def test_a_dead_dispatcher_fails_the_server(
     aiohttp_client: Any, classifier: ModelRunner
 ) -> None:

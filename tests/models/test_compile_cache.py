@@ -1,0 +1,194 @@
+"""The compile cache's entries: keyed, checked, published whole; no torch, no compiling."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import structlog
+
+from batching_server.models.compile_cache import (
+    ARTIFACT,
+    MANIFEST,
+    CompileCache,
+    default_cache_dir,
+    key_digest,
+)
+
+KEY = {"model": "resnet18", "weights": "random:seed=0", "precision": "fp32", "input": "1x3x8x8"}
+
+
+class Builder:
+    """Writes ``payload`` as the artifact and counts its builds."""
+
+    def __init__(self, payload: bytes = b"compiled code") -> None:
+        self.payload = payload
+        self.builds = 0
+
+    def __call__(self, path: Path) -> None:
+        self.builds += 1
+        path.write_bytes(self.payload)
+
+
+def read(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def test_a_miss_builds_and_a_hit_loads_without_building(tmp_path: Path) -> None:
+    cache = CompileCache(root=tmp_path / "cache")
+    build = Builder()
+    first = cache.get("b1", KEY, build=build, load=read)
+    assert first is not None
+    assert (first.value, first.built, build.builds) == (b"compiled code", True, 1)
+    manifest = json.loads((first.path / MANIFEST).read_text())
+    assert manifest["key"] == {"format": "1", **KEY}
+    second = cache.get("b1", KEY, build=build, load=read)
+    assert second is not None
+    assert (second.value, second.built, build.builds) == (b"compiled code", False, 1)
+    # Nothing but the entry is left behind: no staging folder.
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.path.name]
+
+
+@pytest.mark.parametrize(
+    "change", [{"precision": "bf16"}, {"weights": "named:IMAGENET1K_V1"}, {"input": "2x3x8x8"}]
+)
+def test_a_changed_key_is_another_entry(tmp_path: Path, change: dict[str, str]) -> None:
+    cache = CompileCache(root=tmp_path)
+    build = Builder()
+    cache.get("b1", KEY, build=build, load=read)
+    other = {**KEY, **change}
+    assert key_digest(other) != key_digest(KEY)
+    found = cache.get("b1", other, build=build, load=read)
+    assert found is not None
+    assert found.built
+    assert build.builds == 2
+    # Both stay: going back to the first settings builds nothing.
+    again = cache.get("b1", KEY, build=build, load=read)
+    assert again is not None
+    assert not again.built
+    assert build.builds == 2
+
+
+def test_with_building_not_allowed_a_miss_is_none(tmp_path: Path) -> None:
+    build = Builder()
+    found = CompileCache(root=tmp_path).get("b1", KEY, build=build, load=read, allow_build=False)
+    assert found is None
+    assert build.builds == 0
+
+
+def entry_of(tmp_path: Path) -> Path:
+    cache = CompileCache(root=tmp_path)
+    found = cache.get("b1", KEY, build=Builder(b"first build"), load=read)
+    assert found is not None
+    return found.path
+
+
+def rebuilt(tmp_path: Path) -> tuple[bytes, list[str]]:
+    """Ask again; the value got and the problems logged."""
+    build = Builder(b"rebuilt")
+    with structlog.testing.capture_logs() as logs:
+        found = CompileCache(root=tmp_path).get("b1", KEY, build=build, load=read)
+    assert found is not None
+    assert found.built
+    assert build.builds == 1
+    problems = [e["problem"] for e in logs if e["event"] == "compile_cache_entry_rejected"]
+    return found.value, problems
+
+
+def test_a_corrupt_artifact_is_logged_and_rebuilt(tmp_path: Path) -> None:
+    entry = entry_of(tmp_path)
+    (entry / ARTIFACT).write_bytes(b"first bui1d")  # one byte flipped on disk
+    value, problems = rebuilt(tmp_path)
+    assert value == b"rebuilt"
+    assert problems == [f"corrupt: {ARTIFACT} does not match its checksum"]
+
+
+def test_a_stale_manifest_is_logged_and_rebuilt(tmp_path: Path) -> None:
+    entry = entry_of(tmp_path)
+    manifest = json.loads((entry / MANIFEST).read_text())
+    manifest["key"]["torch"] = "2.0.0"  # written by another torch, say
+    (entry / MANIFEST).write_text(json.dumps(manifest))
+    value, problems = rebuilt(tmp_path)
+    assert value == b"rebuilt"
+    assert problems == ["stale: its key differs in torch"]
+
+
+def test_an_entry_without_its_manifest_is_rebuilt(tmp_path: Path) -> None:
+    entry = entry_of(tmp_path)
+    (entry / MANIFEST).unlink()  # a copy that stopped halfway, say
+    value, problems = rebuilt(tmp_path)
+    assert value == b"rebuilt"
+    assert len(problems) == 1
+    assert problems[0].startswith(f"corrupt: unreadable {MANIFEST}")
+
+
+def test_an_artifact_that_does_not_load_is_rebuilt(tmp_path: Path) -> None:
+    entry_of(tmp_path)
+    loads: list[bytes] = []
+
+    def load(path: Path) -> bytes:
+        data = path.read_bytes()
+        loads.append(data)
+        if data == b"first build":
+            raise OSError("undefined symbol: an older torch's")
+        return data
+
+    with structlog.testing.capture_logs() as logs:
+        found = CompileCache(root=tmp_path).get("b1", KEY, build=Builder(b"rebuilt"), load=load)
+    assert found is not None
+    assert found.value == b"rebuilt"
+    assert loads == [b"first build", b"rebuilt"]
+    problems = [e["problem"] for e in logs if e["event"] == "compile_cache_entry_rejected"]
+    assert problems == [f"corrupt: {ARTIFACT} does not load (undefined symbol: an older torch's)"]
+
+
+def test_a_build_that_dies_halfway_leaves_no_entry(tmp_path: Path) -> None:
+    cache = CompileCache(root=tmp_path)
+
+    def dies(path: Path) -> None:
+        path.write_bytes(b"half")
+        raise KeyboardInterrupt  # the process stopped mid-build
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.get("b1", KEY, build=dies, load=read)
+    assert list(tmp_path.iterdir()) == []  # neither an entry nor its staging folder
+    build = Builder()
+    found = cache.get("b1", KEY, build=build, load=read)
+    assert found is not None
+    assert found.built
+    assert found.value == b"compiled code"
+
+
+def test_a_half_written_entry_is_never_read(tmp_path: Path) -> None:
+    """While one process builds, another sees no entry at all (it builds its own), never the
+    builder's partial artifact; both then publish, and the entry is whole."""
+    cache = CompileCache(root=tmp_path)
+    seen: list[object] = []
+
+    def slow_build(path: Path) -> None:
+        path.write_bytes(b"half")
+        # Another process starts now: the half-built artifact must be invisible to it.
+        other = cache.get("b1", KEY, build=Builder(b"the other's"), load=read)
+        assert other is not None
+        seen.append(other.value)
+        path.write_bytes(b"half and the rest")
+
+    found = cache.get("b1", KEY, build=slow_build, load=read)
+    assert seen == [b"the other's"]
+    assert found is not None
+    assert found.value == b"half and the rest"
+    # One entry, consistent with its manifest, and no staging or old folders left.
+    again = cache.get("b1", KEY, build=Builder(), load=read)
+    assert again is not None
+    assert not again.built
+    assert again.value == b"half and the rest"
+    assert [p.name for p in tmp_path.iterdir()] == [found.path.name]
+
+
+def test_the_default_folder_follows_xdg(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", "/var/cache/x")
+    assert default_cache_dir() == Path("/var/cache/x/batching_server/compiled")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path(os.path.expanduser("~/.cache/batching_server/compiled"))
