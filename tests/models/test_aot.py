@@ -17,6 +17,7 @@ from torch import nn
 import batching_server.__main__ as cli
 from batching_server.http.app import create_app
 from batching_server.http.appkeys import READINESS, RUNNER
+from batching_server import models
 from batching_server.models import RESNET50, aot, compile_runner, load_runner, loading
 from batching_server.models.aot import GraphShape, graph_key, weights_identity
 from batching_server.models.compile_cache import ARTIFACT, MANIFEST
@@ -157,7 +158,7 @@ async def test_compile_builds_the_cache_and_a_start_loads_it(
     """``batching-server compile`` exits 0 having built every shape; a start with
     ``model.compile = auto`` then loads them without compiling, and serves what eager does."""
     builds = CountingBuilds(monkeypatch)
-    monkeypatch.setattr(cli, "torchvision_classifier", lambda name: TinySpec())
+    monkeypatch.setattr(models, "torchvision_classifier", lambda name: TinySpec())
     cache = tmp_path / "cache"
     (tmp_path / "settings.toml").write_text(
         f"""
