@@ -104,14 +104,18 @@ class _CannotListenError(Exception):
     """A host and port could not be bound; the message names the address and the fix."""
 
 
-def cannot_listen_message(exc: OSError, host: str, port: int, *, section: str) -> str:
-    """Why ``host:port`` could not be bound, and which setting to change."""
+def cannot_listen_message(
+    exc: OSError, host: str, port: int, *, section: str, prefix: str = ""
+) -> str:
+    """Why ``host:port`` could not be bound, and which setting to change
+    (``{section}.{prefix}port`` and ``{section}.{prefix}host``)."""
+    port_key, host_key = f"{section}.{prefix}port", f"{section}.{prefix}host"
     if exc.errno == errno.EADDRINUSE:
-        fix = f"stop what uses it, or set {section}.port to a free port (0 picks one)"
+        fix = f"stop what uses it, or set {port_key} to a free port (0 picks one)"
     elif exc.errno == errno.EACCES:
-        fix = f"ports below 1024 need privileges: set {section}.port to 1024 or above"
+        fix = f"ports below 1024 need privileges: set {port_key} to 1024 or above"
     else:  # not an address of this machine, or a name that does not resolve
-        fix = f"set {section}.host to an address of this machine (0.0.0.0: all of them)"
+        fix = f"set {host_key} to an address of this machine (0.0.0.0: all of them)"
     reason = exc.strerror or str(exc)
     return f"cannot listen on {host}:{port} ({reason}): {fix}"
 

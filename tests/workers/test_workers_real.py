@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import time
 import urllib.error
 import urllib.request
@@ -17,9 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from batching_server.grpc.proto import grpc_predict_v2_pb2 as pb
+from batching_server.grpc.proto import grpc_predict_v2_pb2_grpc as services
 from tests.images import photo_bytes
 from tests.test_cli import (
     TIMEOUT_S,
@@ -245,3 +249,52 @@ def test_a_port_in_use_exits_2_before_any_worker_starts(tmp_path: Path) -> None:
     assert [e["event"] for e in events] == ["starting", "cannot_listen"]
     assert f"cannot listen on 127.0.0.1:{port}" in events[1]["error"]
     assert "set server.port to a free port" in events[1]["error"]
+
+
+def test_both_workers_serve_grpc_on_the_port_the_supervisor_reserved(tmp_path: Path) -> None:
+    """gRPC cannot take an inherited socket: each worker binds the port the supervisor
+    reserved, with SO_REUSEPORT, and the fleet answers gRPC calls."""
+    with socket.socket() as probe:  # a free port (oip.grpc_port = 0 turns gRPC off)
+        probe.bind(("127.0.0.1", 0))
+        grpc_port = probe.getsockname()[1]
+    server = serve_workers(tmp_path, OIP__GRPC_PORT=str(grpc_port))
+    try:
+        listening, lines = server.wait_for("listening")
+        assert listening["grpc_port"] == grpc_port
+        wait_for_supervisor_ready(server, lines)
+        bound = [json.loads(line) for line in lines if '"grpc_listening"' in line]
+        assert sorted((e["worker"], e["port"]) for e in bound) == [
+            (0, grpc_port),
+            (1, grpc_port),
+        ]
+        # While it runs, nothing without SO_REUSEPORT can take the port between them.
+        with socket.socket() as intruder, pytest.raises(OSError, match="Address already in use"):
+            intruder.bind(("127.0.0.1", grpc_port))
+        image = photo_bytes("chelsea.png")
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = services.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+            assert stub.ServerReady(pb.ServerReadyRequest(), timeout=TIMEOUT_S).ready
+            request = pb.ModelInferRequest(model_name="resnet18")
+            request.inputs.add(name="image", datatype="BYTES", shape=[1])
+            request.raw_input_contents.append(struct.pack("<I", len(image)) + image)
+            reply = stub.ModelInfer(request, timeout=TIMEOUT_S)
+        assert [output.name for output in reply.outputs] == ["probabilities"]
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=40) == 0
+    finally:
+        server.close()
+
+
+def test_a_grpc_port_in_use_exits_2_naming_the_grpc_setting(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(
+            tmp_path, "--port", "0", SERVER__WORKERS="2", OIP__GRPC_PORT=str(port), **SMALL
+        )
+    assert result.returncode == 2
+    events = json_lines(result.stdout)
+    assert [e["event"] for e in events] == ["starting", "cannot_listen"]
+    assert f"cannot listen on 127.0.0.1:{port}" in events[1]["error"]
+    assert "set oip.grpc_port to a free port" in events[1]["error"]
