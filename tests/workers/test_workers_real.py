@@ -11,6 +11,8 @@ import re
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +30,7 @@ from tests.images import photo_bytes
 from tests.test_cli import (
     TIMEOUT_S,
     ServerProcess,
+    cli_env,
     json_lines,
     multipart,
     run_cli,
@@ -298,3 +301,40 @@ def test_a_grpc_port_in_use_exits_2_naming_the_grpc_setting(tmp_path: Path) -> N
     assert [e["event"] for e in events] == ["starting", "cannot_listen"]
     assert f"cannot listen on 127.0.0.1:{port}" in events[1]["error"]
     assert "set oip.grpc_port to a free port" in events[1]["error"]
+
+
+def test_the_supervisor_never_imports_torch(tmp_path: Path) -> None:
+    """A bad model.name still exits 2 with the catalogue's message, found by the workers: the
+    supervisor checks settings without torchvision and stays small."""
+    probe = tmp_path / "probe.py"
+    # The supervisor, run in-process with the workers' start replaced by a record of
+    # what was imported by then.
+    probe.write_text(
+        "import sys\n"
+        "import batching_server.workers.supervisor as supervisor\n"
+        "from batching_server.__main__ import main\n"
+        "def supervise(settings, *, workers, argv):\n"
+        "    print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n"
+        "    return 0\n"
+        "supervisor.supervise = supervise\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(probe), "--port", "0"],
+        cwd=tmp_path,
+        env=cli_env(tmp_path, SERVER__WORKERS="2", **SMALL),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+
+    result = run_cli(tmp_path, "--port", "0", SERVER__WORKERS="2", MODEL__NAME="resnet5")
+    assert result.returncode == 2
+    assert "model.name must be the name of a torchvision classification model" in result.stderr
+    assert "closest: resnet50" in result.stderr
+    names = [e["event"] for e in json_lines(result.stdout)]
+    assert names.count("worker_warming") == 2  # found by the workers, no restart loop
+    assert names[-1] == "stopped"
