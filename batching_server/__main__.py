@@ -21,7 +21,14 @@ from .core.errors import BatcherClosedError, ModelLoadError
 from .core.fleet import WorkerRole
 from .core.readiness import ExitCode, Readiness
 from .observability.logs import configure_logging
-from .settings import Settings, SettingsError, load_settings, settings_warnings
+from .settings import (
+    Settings,
+    SettingsError,
+    check_model_catalogue,
+    load_settings,
+    settings_warnings,
+    without_model_catalogue,
+)
 
 # The app (and with it torch) is imported where it is used: a supervisor of worker
 # processes runs this module too, and stays light.
@@ -62,13 +69,16 @@ def _settings(args: argparse.Namespace) -> Settings:
     path = args.settings
     if path is None and DEFAULT_SETTINGS_FILE.is_file():
         path = DEFAULT_SETTINGS_FILE
-    settings = load_settings(path)
-    server = {}
-    if args.host is not None:
-        server["host"] = args.host
-    if args.port is not None:
-        server["port"] = args.port
-    return settings.replace(server=server) if server else settings
+    # The checks against torchvision's catalogue wait until this process is known to serve
+    # (main calls check_model_catalogue): a supervisor of workers never imports torchvision.
+    with without_model_catalogue():
+        settings = load_settings(path)
+        server = {}
+        if args.host is not None:
+            server["host"] = args.host
+        if args.port is not None:
+            server["port"] = args.port
+        return settings.replace(server=server) if server else settings
 
 
 # After a second signal, how long the responses of callers whose images just failed may take
@@ -104,14 +114,18 @@ class _CannotListenError(Exception):
     """A host and port could not be bound; the message names the address and the fix."""
 
 
-def cannot_listen_message(exc: OSError, host: str, port: int, *, section: str) -> str:
-    """Why ``host:port`` could not be bound, and which setting to change."""
+def cannot_listen_message(
+    exc: OSError, host: str, port: int, *, section: str, prefix: str = ""
+) -> str:
+    """Why ``host:port`` could not be bound, and which setting to change
+    (``{section}.{prefix}port`` and ``{section}.{prefix}host``)."""
+    port_key, host_key = f"{section}.{prefix}port", f"{section}.{prefix}host"
     if exc.errno == errno.EADDRINUSE:
-        fix = f"stop what uses it, or set {section}.port to a free port (0 picks one)"
+        fix = f"stop what uses it, or set {port_key} to a free port (0 picks one)"
     elif exc.errno == errno.EACCES:
-        fix = f"ports below 1024 need privileges: set {section}.port to 1024 or above"
+        fix = f"ports below 1024 need privileges: set {port_key} to 1024 or above"
     else:  # not an address of this machine, or a name that does not resolve
-        fix = f"set {section}.host to an address of this machine (0.0.0.0: all of them)"
+        fix = f"set {host_key} to an address of this machine (0.0.0.0: all of them)"
     reason = exc.strerror or str(exc)
     return f"cannot listen on {host}:{port} ({reason}): {fix}"
 
@@ -326,6 +340,11 @@ def main(argv: Sequence[str] | None = None, *, worker: WorkerRuntime | None = No
 
             given = list(argv) if argv is not None else sys.argv[1:]
             return supervise(settings, workers=count, argv=given)
+    try:
+        check_model_catalogue(settings)
+    except SettingsError as exc:
+        print(f"batching-server: {exc}", file=sys.stderr)
+        return ExitCode.BAD_SETTINGS
     log.info("starting", version=__version__, weights=settings.model.weights)
     for warning in settings_warnings(settings):
         log.warning("settings_warning", problem=warning)

@@ -6,10 +6,12 @@ every problem before it fails, so an operator fixes a bad config in one pass.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +34,11 @@ __all__ = [
     "Settings",
     "SettingsError",
     "TracingSettings",
+    "check_model_catalogue",
     "load_settings",
     "settings_from_mapping",
     "settings_warnings",
+    "without_model_catalogue",
 ]
 
 ENV_PREFIX = "BATCHING_SERVER"
@@ -165,9 +169,23 @@ _host_or_empty = Check(
 _MODEL_NAME = "the name of a torchvision classification model, such as resnet50 or convnext_tiny"
 
 
+# Whether model.name (and named model.weights) are looked up in torchvision's catalogue
+# while the settings load. The supervisor of worker processes loads them without it
+# (torchvision would cost it seconds and hundreds of megabytes for one check); each worker
+# then checks them in full.
+_CATALOGUE_CHECK: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "catalogue_check", default=True
+)
+_MODEL_NAME_SHAPE = re.compile(r"[a-z][a-z0-9_]*")
+
+
 def _check_model_name(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(_MODEL_NAME)
+    if not _CATALOGUE_CHECK.get():
+        if not _MODEL_NAME_SHAPE.fullmatch(value):
+            raise ValueError(_MODEL_NAME)
+        return value
     # Imported here: only this check needs torchvision's catalogue, and settings.py sits
     # below the model layer.
     from .models.torchvision_spec import classification_models, model_choices
@@ -175,6 +193,29 @@ def _check_model_name(value: Any) -> str:
     if value not in classification_models():
         raise ValueError(f"{_MODEL_NAME} ({model_choices(value)})")
     return value
+
+
+@contextlib.contextmanager
+def without_model_catalogue() -> Iterator[None]:
+    """Settings validated inside skip the checks against torchvision's catalogue (model.name
+    is checked for its shape only); ``check_model_catalogue`` runs them later."""
+    token = _CATALOGUE_CHECK.set(False)
+    try:
+        yield
+    finally:
+        _CATALOGUE_CHECK.reset(token)
+
+
+def check_model_catalogue(settings: Settings) -> None:
+    """The checks against torchvision's catalogue (model.name, and model.weights' names)
+    that settings validated ``without_model_catalogue()`` left out."""
+    try:
+        _check_model_name(settings.model.name)
+    except ValueError as exc:
+        raise SettingsError([f"model.name must be {exc}, got {settings.model.name!r}"]) from exc
+    problem = _weights_fit_the_model(settings)
+    if problem is not None:
+        raise SettingsError([problem])
 
 
 _model_name = Check(_MODEL_NAME, _check_model_name)
@@ -853,7 +894,7 @@ def _request_fits_the_queue(settings: Settings) -> str | None:
 def _weights_fit_the_model(settings: Settings) -> str | None:
     model = settings.model
     named = _WEIGHTS_NAME.fullmatch(model.weights) and not Path(model.weights).is_file()
-    if model.weights == "random" or not named:
+    if model.weights == "random" or not named or not _CATALOGUE_CHECK.get():
         return None
     from .models.torchvision_spec import torchvision_classifier
 

@@ -16,7 +16,7 @@ import grpc
 import structlog
 from aiohttp import web
 
-from ..http.appkeys import METRICS, SETTINGS
+from ..http.appkeys import METRICS, SETTINGS, WORKER
 from .auth import BearerAuthInterceptor
 from .proto import grpc_predict_v2_pb2_grpc as services
 from .servicer import RPCS, InferenceServicer
@@ -66,8 +66,9 @@ def add_grpc_server(app: web.Application, *, port: int | None = None) -> None:
                 ("grpc.max_receive_message_length", settings.limits.max_upload_bytes),
                 ("grpc.max_send_message_length", -1),
                 # Without this, a second server on the same port would share it silently
-                # instead of failing to start.
-                ("grpc.so_reuseport", 0),
+                # instead of failing to start. Worker processes do share it: their
+                # supervisor reserved the port for them (batching_server.workers).
+                ("grpc.so_reuseport", 1 if WORKER in app else 0),
             ],
         )
         # Generated code, untyped: it registers each method of the servicer by its name.

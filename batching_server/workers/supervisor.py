@@ -5,6 +5,12 @@ SO_REUSEPORT: one bind, in one place, so a bad address fails once with exit 2 be
 worker starts, port 0 picks one port for all of them, no unrelated process can join the
 port's group, and the listening socket (its backlog included) outlives a worker that dies,
 so connections wait for the survivors instead of being refused.
+
+gRPC (``oip.grpc_port``) cannot adopt an inherited socket, so there the workers bind the
+port themselves with SO_REUSEPORT. The supervisor first reserves it: a bound socket with
+SO_REUSEPORT that never listens (so it takes no connection) fails at once with exit 2 if
+something else holds the port, and keeps any process without SO_REUSEPORT off the port
+while workers come and go.
 """
 
 from __future__ import annotations
@@ -98,6 +104,7 @@ class _Supervisor:
         argv: list[str],
         api_socket: socket.socket,
         metrics_socket: socket.socket | None,
+        grpc_port: int,
         metrics_dir: str,
     ) -> None:
         self._settings = settings
@@ -105,6 +112,7 @@ class _Supervisor:
         self._argv = argv
         self._api = api_socket
         self._metrics_socket = metrics_socket
+        self._grpc_port = grpc_port
         self._metrics_dir = metrics_dir
         self._stopping = False
         self._signals = 0
@@ -169,6 +177,8 @@ class _Supervisor:
         ours, theirs = socket.socketpair()
         command, fds = self._command(slot, theirs.fileno())
         env = dict(os.environ)
+        if self._grpc_port:
+            env["BATCHING_SERVER_OIP__GRPC_PORT"] = str(self._grpc_port)
         if slot.assignment.gpu is not None:
             # The worker sees its one GPU as cuda:0: model.device stays "auto" or "cuda",
             # and it creates no CUDA context on the others.
@@ -343,6 +353,26 @@ def _bind(host: str, port: int, *, section: str) -> socket.socket:
     return sock
 
 
+def _reserve(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` with SO_REUSEPORT, never listening: the workers'
+    gRPC servers join it with SO_REUSEPORT; OSError's message names the fix."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as exc:
+        message = cannot_listen_message(exc, host, port, section="oip", prefix="grpc_")
+        raise OSError(exc.errno, message) from exc
+    return sock
+
+
 def supervise(settings: Settings, *, workers: int, argv: list[str]) -> int:
     """Run ``workers`` worker processes on one port until a signal; returns the exit status."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -356,17 +386,34 @@ def supervise(settings: Settings, *, workers: int, argv: list[str]) -> int:
     log.info("starting", version=__version__, weights=settings.model.weights, workers=workers)
     server = settings.server
     metrics_port = settings.metrics.port
+    bound: list[socket.socket] = []
     try:
         api = _bind(server.host, server.port, section="server")
-        metrics = None
+        bound.append(api)
+        metrics: socket.socket | None = None
+        grpc: socket.socket | None = None
         if metrics_port:
             metrics_host = settings.metrics.host or server.host
             metrics = _bind(metrics_host, metrics_port, section="metrics")
+            bound.append(metrics)
+        if settings.oip.grpc_port:
+            grpc = _reserve(settings.oip.grpc_host or server.host, settings.oip.grpc_port)
+            bound.append(grpc)
     except OSError as exc:
+        for sock in bound:
+            sock.close()
         log.error("cannot_listen", error=exc.strerror)
         return ExitCode.BAD_SETTINGS
     host, port = api.getsockname()[:2]
-    log.info("listening", url=f"http://{host}:{port}", host=host, port=port, workers=workers)
+    grpc_port = grpc.getsockname()[1] if grpc is not None else 0
+    log.info(
+        "listening",
+        url=f"http://{host}:{port}",
+        host=host,
+        port=port,
+        workers=workers,
+        **({"grpc_port": grpc_port} if grpc_port else {}),
+    )
     for assignment in plan:
         log.info(
             "worker_assignment",
@@ -384,13 +431,13 @@ def supervise(settings: Settings, *, workers: int, argv: list[str]) -> int:
             argv=argv,
             api_socket=api,
             metrics_socket=metrics,
+            grpc_port=grpc_port,
             metrics_dir=metrics_dir,
         )
         code = asyncio.run(supervisor.run())
     finally:
-        api.close()
-        if metrics is not None:
-            metrics.close()
+        for sock in bound:
+            sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     log.info("stopped", exit_code=int(code))
     return code

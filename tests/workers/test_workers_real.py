@@ -10,6 +10,9 @@ import os
 import re
 import signal
 import socket
+import struct
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,13 +20,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from batching_server.grpc.proto import grpc_predict_v2_pb2 as pb
+from batching_server.grpc.proto import grpc_predict_v2_pb2_grpc as services
 from tests.images import photo_bytes
 from tests.test_cli import (
     TIMEOUT_S,
     ServerProcess,
+    cli_env,
     json_lines,
     multipart,
     run_cli,
@@ -245,3 +252,89 @@ def test_a_port_in_use_exits_2_before_any_worker_starts(tmp_path: Path) -> None:
     assert [e["event"] for e in events] == ["starting", "cannot_listen"]
     assert f"cannot listen on 127.0.0.1:{port}" in events[1]["error"]
     assert "set server.port to a free port" in events[1]["error"]
+
+
+def test_both_workers_serve_grpc_on_the_port_the_supervisor_reserved(tmp_path: Path) -> None:
+    """gRPC cannot take an inherited socket: each worker binds the port the supervisor
+    reserved, with SO_REUSEPORT, and the fleet answers gRPC calls."""
+    with socket.socket() as probe:  # a free port (oip.grpc_port = 0 turns gRPC off)
+        probe.bind(("127.0.0.1", 0))
+        grpc_port = probe.getsockname()[1]
+    server = serve_workers(tmp_path, OIP__GRPC_PORT=str(grpc_port))
+    try:
+        listening, lines = server.wait_for("listening")
+        assert listening["grpc_port"] == grpc_port
+        wait_for_supervisor_ready(server, lines)
+        bound = [json.loads(line) for line in lines if '"grpc_listening"' in line]
+        assert sorted((e["worker"], e["port"]) for e in bound) == [
+            (0, grpc_port),
+            (1, grpc_port),
+        ]
+        # While it runs, nothing without SO_REUSEPORT can take the port between them.
+        with socket.socket() as intruder, pytest.raises(OSError, match="Address already in use"):
+            intruder.bind(("127.0.0.1", grpc_port))
+        image = photo_bytes("chelsea.png")
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = services.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+            assert stub.ServerReady(pb.ServerReadyRequest(), timeout=TIMEOUT_S).ready
+            request = pb.ModelInferRequest(model_name="resnet18")
+            request.inputs.add(name="image", datatype="BYTES", shape=[1])
+            request.raw_input_contents.append(struct.pack("<I", len(image)) + image)
+            reply = stub.ModelInfer(request, timeout=TIMEOUT_S)
+        assert [output.name for output in reply.outputs] == ["probabilities"]
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=40) == 0
+    finally:
+        server.close()
+
+
+def test_a_grpc_port_in_use_exits_2_naming_the_grpc_setting(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(
+            tmp_path, "--port", "0", SERVER__WORKERS="2", OIP__GRPC_PORT=str(port), **SMALL
+        )
+    assert result.returncode == 2
+    events = json_lines(result.stdout)
+    assert [e["event"] for e in events] == ["starting", "cannot_listen"]
+    assert f"cannot listen on 127.0.0.1:{port}" in events[1]["error"]
+    assert "set oip.grpc_port to a free port" in events[1]["error"]
+
+
+def test_the_supervisor_never_imports_torch(tmp_path: Path) -> None:
+    """A bad model.name still exits 2 with the catalogue's message, found by the workers: the
+    supervisor checks settings without torchvision and stays small."""
+    probe = tmp_path / "probe.py"
+    # The supervisor, run in-process with the workers' start replaced by a record of
+    # what was imported by then.
+    probe.write_text(
+        "import sys\n"
+        "import batching_server.workers.supervisor as supervisor\n"
+        "from batching_server.__main__ import main\n"
+        "def supervise(settings, *, workers, argv):\n"
+        "    print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n"
+        "    return 0\n"
+        "supervisor.supervise = supervise\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(probe), "--port", "0"],
+        cwd=tmp_path,
+        env=cli_env(tmp_path, SERVER__WORKERS="2", **SMALL),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+
+    result = run_cli(tmp_path, "--port", "0", SERVER__WORKERS="2", MODEL__NAME="resnet5")
+    assert result.returncode == 2
+    assert "model.name must be the name of a torchvision classification model" in result.stderr
+    assert "closest: resnet50" in result.stderr
+    names = [e["event"] for e in json_lines(result.stdout)]
+    assert names.count("worker_warming") == 2  # found by the workers, no restart loop
+    assert names[-1] == "stopped"
