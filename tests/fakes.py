@@ -182,10 +182,6 @@ class SpyRunner:
         self.warmup_started = asyncio.Event()
         self.warmed_sizes: list[int] = []
 
-    @property
-    def compiles_after_warmup(self) -> int:
-        return self.real.compiles_after_warmup  # type: ignore[no-any-return]
-
     async def predict_batch(self, items: Sequence[Any], info: BatchInfo) -> list[Any]:
         self.batch_sizes.append(len(items))
         self.started.set()

@@ -267,7 +267,7 @@ def _model_ctx(
             device=str(runner.device),
             precision=runner.precision,
             parameter_bytes=runner.forward_pass.parameter_bytes,
-            compiles_after_warmup=lambda: runner.compiles_after_warmup,
+            compiled=lambda: runner.forward_pass.compiled,
         )
         warmup = asyncio.create_task(
             _warm_up(app, runner, compile=injected is None), name="model-warmup"

@@ -12,7 +12,6 @@ import torch
 __all__ = [
     "autocast",
     "choose_precision",
-    "compiled_graphs",
     "cpu_flags",
 ]
 
@@ -53,8 +52,4 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def compiled_graphs() -> int:
-    """Graphs dynamo has compiled in this process so far."""
-    from torch._dynamo.utils import counters
 
-    return int(counters["stats"]["unique_graphs"])

@@ -25,7 +25,6 @@ from ..core.batcher import BatchInfo, ItemFailed
 from ..core.errors import ServiceError
 from ..core.shapes import padded_size
 from ..preprocess.encoded import EncodedJpeg
-from .acceleration import compiled_graphs
 from .device_preprocess import DevicePreprocessor
 from .forward import ForwardPass
 from .threads import ThreadPlan, configure_worker_thread
@@ -95,8 +94,6 @@ class ModelRunner:
         self.input_size = input_size
         # Dynamo's graph count when warm-up ended (None until then, and without compile), and
         # how many compiles since then have been logged.
-        self._graphs_at_warmup: int | None = None
-        self._compiles_logged = 0
         self._busy = 0  # forward passes handed to a thread and not ended; a stalled one never ends
         self._busy_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(
@@ -154,8 +151,6 @@ class ModelRunner:
                 return refusals
             batch = self.forward_pass.stack([p for p in pixels if isinstance(p, torch.Tensor)])
             probabilities = self.forward(batch, threads=threads)
-        if (compiles := self.compiles_after_warmup) > self._compiles_logged:
-            self._log_compiles(compiles, len(items), threads)
         # Runs in the model thread, inside the caller's context: this lands on the batch span.
         trace.get_current_span().add_event(
             "forward_pass",
@@ -201,25 +196,6 @@ class ModelRunner:
         return [
             next(decoded) if isinstance(item.pixels, EncodedJpeg) else item.pixels for item in items
         ]
-
-    @property
-    def compiles_after_warmup(self) -> int:
-        """Graphs compiled since warm-up ended: each one made a batch wait seconds."""
-        if self._graphs_at_warmup is None:
-            return 0
-        return compiled_graphs() - self._graphs_at_warmup
-
-    def _log_compiles(self, compiles: int, size: int, threads: int | None) -> None:
-        # Warm-up compiles every shape the batcher can send, so a compile now means a guard
-        # that warm-up did not foresee: loud, since that batch (and, while dynamo held the
-        # GIL, every other request) waited seconds. Two model threads may both log one.
-        new, self._compiles_logged = compiles - self._compiles_logged, compiles
-        log.warning(
-            "model_compiled_after_warmup",
-            graphs=new,
-            batch_size=size,
-            torch_threads=threads or self.threads.threads,
-        )
 
     async def predict_batch(
         self, items: Sequence[ImageInput], info: BatchInfo
@@ -275,8 +251,6 @@ class ModelRunner:
             # Once, whichever batch sizes each call warms: the decoder's set-up is per process.
             await asyncio.wrap_future(self._executor.submit(self._warm_up_device_preprocessor))
             self._device_warmed = True
-        if self.forward_pass.compiled:
-            self._graphs_at_warmup = compiled_graphs()
         return time.perf_counter() - started
 
     def _warm_up_device_preprocessor(self) -> None:

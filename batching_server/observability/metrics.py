@@ -135,11 +135,12 @@ class ServiceMetrics:
             "Always 1; the labels describe the model being served.",
             mode="liveall",
         )
-        self.compiles_after_warmup = make.counter(
-            "model_compiles_after_warmup_total",
-            "Graphs torch.compile built after warm-up; each made a batch wait seconds (expect 0).",
+        self.compiled = make.gauge(
+            "model_compiled",
+            "1 while the forward passes run compiled graphs (model.compile), 0 while eager.",
+            mode="liveall",
         )
-        self._compiles_after_warmup: Callable[[], int] = lambda: 0
+        self._compiled: Callable[[], bool] = lambda: False
         self.batch_size = make.histogram(
             "batch_size",
             "Images per forward pass.",
@@ -187,7 +188,7 @@ class ServiceMetrics:
         self.in_flight.set({}, 0)
         self.padding.set({}, 0)
         self.loop_cpu.set({}, 0)
-        self.compiles_after_warmup.set({}, 0)
+        self.compiled.set({}, 0)
 
     def describe_model(
         self,
@@ -196,11 +197,11 @@ class ServiceMetrics:
         device: str,
         precision: str,
         parameter_bytes: int,
-        compiles_after_warmup: Callable[[], int] | None = None,
+        compiled: Callable[[], bool] | None = None,
     ) -> None:
-        """Set the info metric and the model's memory; read the compile count at each scrape."""
-        if compiles_after_warmup is not None:
-            self._compiles_after_warmup = compiles_after_warmup
+        """Set the info metric and the model's memory; ``compiled`` is read at each scrape."""
+        if compiled is not None:
+            self._compiled = compiled
         self.info.set(
             {
                 "version": __version__,
@@ -247,8 +248,9 @@ class ServiceMetrics:
 
     def render(self, accepts: Sequence[str]) -> tuple[bytes, dict[str, str]]:
         """The exposition body and its headers, in the format the scraper accepts."""
-        # Counted by the model threads; read here, on the loop, as aioprometheus needs.
-        self.compiles_after_warmup.set({}, self._compiles_after_warmup())
+        # Switched by the model's side (compiling ends after readiness); read here, on the
+        # loop, as aioprometheus needs.
+        self.compiled.set({}, int(self._compiled()))
         if self._files is not None:
             # One of several workers: the scrape gets the whole fleet's sums, whichever
             # worker the kernel handed the connection to.

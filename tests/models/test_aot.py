@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 import structlog
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 import batching_server.__main__ as cli
-from batching_server.http.app import create_app
-from batching_server.http.appkeys import READINESS, RUNNER
 from batching_server import models
+from batching_server.http.app import create_app
+from batching_server.http.appkeys import METRICS, READINESS, RUNNER
 from batching_server.models import RESNET50, aot, compile_runner, load_runner, loading
 from batching_server.models.aot import GraphShape, graph_key, weights_identity
 from batching_server.models.compile_cache import ARTIFACT, MANIFEST
@@ -221,6 +222,7 @@ async def test_compile_builds_the_cache_and_a_start_loads_it(
         app = await ready_app(aiohttp_client, tiny_settings(cache, compile="auto", warmup=True))
     assert app[READINESS].ready
     assert app[RUNNER].forward_pass.compiled
+    assert compiled_gauge(app) == 1
     assert builds.shapes == [2]
     assert [e["event"] for e in logs if e["event"].startswith("compiled_graph")] == [
         "compiled_graph_loaded"
@@ -244,6 +246,18 @@ def test_compile_refuses_without_a_cache_folder(
         code = cli.main(["compile", "--settings", str(tmp_path / "settings.toml")])
     assert code == 2
     assert any("model.compile_cache_dir is empty" in e.get("error", "") for e in logs)
+
+
+def compiled_gauge(app: Any) -> float:
+    """``model_compiled`` as a scrape of the app's /metrics reads it."""
+    body, _ = app[METRICS].render([])
+    [value] = [
+        sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+        if sample.name == "model_compiled"
+    ]
+    return float(value)
 
 
 async def ready_app(aiohttp_client: Any, settings: Settings) -> Any:
@@ -281,6 +295,7 @@ async def test_a_start_whose_compile_fails(
     if mode == "auto":
         assert readiness.ready
         assert not app[RUNNER].forward_pass.compiled
+        assert compiled_gauge(app) == 0
     else:
         assert readiness.failed
         assert "compiling the model failed: RuntimeError" in readiness.reason
