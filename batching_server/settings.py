@@ -439,9 +439,10 @@ class BatchingSettings:
         (),
         _batch_sizes,
         "Allowed batch shapes; a batch is padded up to the next one",
-        """Padding uses zero images, so a compiled model sees only these shapes and warm-up compiles
-        only these. Empty: every size from 1 to `batching.max_batch_size`. Set it, such as `[1, 2,
-        4, 8]`, when `model.compile` is on.""",
+        """Padding uses zero images, so a compiled model sees only these shapes and only these are
+        compiled. Empty: with `model.compile = false`, every size from 1 to
+        `batching.max_batch_size`; otherwise the powers of two below it and the size itself (`[1,
+        2, 4, 8]` for 8), since each compiled shape costs a compile and a copy of the weights.""",
     )
 
 
@@ -1001,13 +1002,25 @@ def settings_from_mapping(raw: Mapping[str, Any]) -> Settings:
             problems.append(f"[{name}] must be a table of keys, got {values!r}")
             values = {}
         sections[name] = _build_section(name, section_cls, values, problems, bad_keys)
-    settings = Settings(**sections)
+    settings = _with_compiled_shapes(Settings(**sections))
     # A cross-key problem is reported with the others, unless one of its keys is
     # already reported as bad (its default stood in, so the comparison would mislead).
     problems += [msg for keys, msg in _cross_checks(settings) if not keys & bad_keys]
     if problems:
         raise SettingsError(problems)
     return settings
+
+
+def _with_compiled_shapes(settings: Settings) -> Settings:
+    """Empty ``batching.batch_sizes`` made the powers of two up to ``max_batch_size`` when
+    the model may be compiled: every size would be a compile and a copy of the weights each."""
+    batching = settings.batching
+    if batching.batch_sizes or settings.model.compile == "false":
+        return settings
+    sizes = [1 << power for power in range(batching.max_batch_size.bit_length())]
+    shapes = tuple(size for size in sizes if size < batching.max_batch_size)
+    batching = dataclasses.replace(batching, batch_sizes=(*shapes, batching.max_batch_size))
+    return dataclasses.replace(settings, batching=batching)
 
 
 def _build_section(

@@ -43,7 +43,9 @@ def problems_of(raw: dict[str, Any]) -> list[str]:
 
 def test_defaults_without_a_file() -> None:
     settings = load_settings()
-    assert settings == Settings()
+    # Settings() with the shapes its model.compile (auto) implies: [1, 2, 4, 8].
+    assert settings == settings_from_mapping({})
+    assert settings.batching.batch_sizes == (1, 2, 4, 8)
     assert settings.server.port == 8080
     assert settings.server.host == "127.0.0.1"
     assert settings.batching.max_batch_size == 8
@@ -72,7 +74,7 @@ def test_repo_settings_toml_documents_exactly_the_defaults() -> None:
     # TOML has arrays where the settings hold tuples.
     defaults = dataclasses.asdict(Settings(), dict_factory=_lists)
     assert documented == defaults
-    assert load_settings(REPO_SETTINGS) == Settings()
+    assert load_settings(REPO_SETTINGS) == settings_from_mapping({})
 
 
 def test_values_from_a_file_lower_and_mixed_case(tmp_path: Path) -> None:
@@ -220,7 +222,10 @@ def test_section_that_is_not_a_table() -> None:
             id="grpc-on-the-metrics-port",
         ),
         pytest.param(
-            {"batching": {"max_batch_size": 256, "max_queue_size": 256}},
+            {
+                "batching": {"max_batch_size": 256, "max_queue_size": 256},
+                "model": {"compile": "false"},  # compiled, it gets power-of-two shapes
+            },
             "batching.max_batch_size (256) above 32 needs batching.batch_sizes with "
             "model.warmup: warm-up would run every size from 1 to 256 (32896 images) before "
             "the server is ready; set batching.batch_sizes, such as "
@@ -251,9 +256,9 @@ def test_cross_field_checks(raw: dict[str, Any], message: str) -> None:
     ],
 )
 def test_large_batches_need_few_shapes_only_with_warmup(batching: dict[str, Any]) -> None:
-    assert settings_from_mapping({"batching": batching}).batching.batch_sizes == tuple(
-        batching.get("batch_sizes", ())
-    )
+    eager = {"compile": "false"}
+    settings = settings_from_mapping({"batching": batching, "model": eager})
+    assert settings.batching.batch_sizes == tuple(batching.get("batch_sizes", ()))
     unwarmed = {"batching": {"max_batch_size": 256, "max_queue_size": 256}}
     settings = settings_from_mapping(unwarmed | {"model": {"warmup": False}})
     assert settings.batching.max_batch_size == 256
@@ -406,3 +411,23 @@ def test_named_weights_must_be_the_models_own() -> None:
     )
     # A bad model name is reported once, not again as a weights problem.
     assert len(problems_of({"model": {"name": "nope", "weights": "IMAGENET1K_V2"}})) == 1
+
+
+@pytest.mark.parametrize(
+    ("max_batch_size", "expected"),
+    [(1, (1,)), (3, (1, 2, 3)), (8, (1, 2, 4, 8)), (12, (1, 2, 4, 8, 12))],
+)
+def test_a_model_that_may_compile_gets_power_of_two_shapes(
+    max_batch_size: int, expected: tuple[int, ...]
+) -> None:
+    raw = {"batching": {"max_batch_size": max_batch_size}}
+    assert settings_from_mapping(raw).batching.batch_sizes == expected  # compile = auto
+    raw["model"] = {"compile": "true"}
+    assert settings_from_mapping(raw).batching.batch_sizes == expected
+
+
+def test_batch_shapes_stay_every_size_when_eager_or_as_set() -> None:
+    eager = settings_from_mapping({"model": {"compile": "false"}})
+    assert eager.batching.batch_sizes == ()
+    given = settings_from_mapping({"batching": {"batch_sizes": [3, 8]}})
+    assert given.batching.batch_sizes == (3, 8)

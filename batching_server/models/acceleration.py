@@ -50,6 +50,3 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     if precision in _DTYPES:
         return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
     return contextlib.nullcontext()
-
-
-
