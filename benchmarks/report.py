@@ -55,6 +55,8 @@ BENCHMARK_FILES = (
     "gpu_check_compile.json",
     "load_gpu.json",
     "peers.json",
+    "workers.json",
+    "startup.json",
 )
 REJECTED_FILE = "rejected.json"
 REQUIRED_PROVENANCE = ("command", "commit", "date", "machine")
@@ -518,7 +520,8 @@ def _load_gpu(name: str, data: Json) -> str:
 
 
 _PEER_LABELS = {
-    "ours": "this server, defaults",
+    "ours": "this server, defaults (compiled graphs, from the cache)",
+    "ours-eager": "this server, eager (`model.compile = false`)",
     "ours-compiled": "this server, `compile = true`, batches padded to 1/2/4/8",
     "litserve": "LitServe 0.2.19, eager",
     "litserve-compiled": "LitServe 0.2.19, `torch.compile`, batches padded to 1/2/4/8",
@@ -548,6 +551,59 @@ def _peers(name: str, data: Json) -> str:
     ]
     table = _table(["server", "concurrency", "images/s", "p50 ms", "p99 ms", "errors"], rows)
     return _section("Against its peers: `benchmarks.peers`", intro, name, data, table)
+
+
+def _workers(name: str, data: Json) -> str:
+    procs = data.get("client_procs", 1)
+    intro = (
+        "`server.workers` settings side by side: in each round each setting's server is started "
+        "alone on the machine, loaded at each concurrency by "
+        f"{procs} client process{'es' if procs != 1 else ''} on the same cores, and stopped; "
+        "the settings' order rotates from round to round. Throughput is over all rounds; "
+        "latencies are the median round's."
+    )
+    rows = [
+        [
+            _fmt(row["workers"], "d"),
+            str(row["point"]).replace("c", "", 1),
+            _fmt(row["throughput"], ".1f"),
+            _fmt(row["p50_ms"], ".0f"),
+            _fmt(row["p99_ms"], ".0f"),
+            _fmt(row["mean_batch"], ".1f"),
+            _fmt(row["errors"], "d"),
+        ]
+        for row in sorted(data["summary"], key=lambda r: (int(r["point"][1:]), r["workers"]))
+    ]
+    table = _table(
+        ["workers", "concurrency", "images/s", "p50 ms", "p99 ms", "mean batch", "errors"], rows
+    )
+    return _section("Worker processes: `benchmarks.workers`", intro, name, data, table)
+
+
+def _startup(name: str, data: Json) -> str:
+    intro = (
+        "Seconds from spawning `python -m batching_server` (the defaults, ResNet-50) to each of "
+        "its log lines: `starting` (Python, torch and the package imported), `model_loaded`, "
+        "`listening`, the compile's outcome and `ready`. The first compiled start builds every "
+        "shape into an empty cache (`model.compile = true`); the later ones run the default "
+        "(`auto`), which loads them. Medians over the starts of each kind."
+    )
+    rows = [
+        [
+            str(row["kind"]),
+            _fmt(row["starts"], "d"),
+            *(_fmt(row.get(phase), ".1f") for phase in _STARTUP_PHASES),
+            _fmt(row["graphs_built"], "d"),
+            _fmt(row["graphs_loaded"], "d"),
+        ]
+        for row in data["summary"]
+    ]
+    header = ["start", "starts", "imported", "model loaded", "listening", "compiled", "ready"]
+    table = _table([*header, "graphs built", "graphs loaded"], rows)
+    return _section("Start-up: `benchmarks.startup`", intro, name, data, table)
+
+
+_STARTUP_PHASES = ("starting", "model_loaded", "listening", "compiled", "ready")
 
 
 def _rejected(data: Json) -> str:
@@ -590,6 +646,8 @@ def render_doc(results: Results) -> str:
         _gpu(results),
         _load_gpu("load_gpu.json", results["load_gpu.json"]),
         _peers("peers.json", results["peers.json"]),
+        _workers("workers.json", results["workers.json"]),
+        _startup("startup.json", results["startup.json"]),
         _rejected(results[REJECTED_FILE]),
     ]
     return "\n\n".join(sections) + "\n"
