@@ -39,6 +39,7 @@ __all__ = [
     "build_package",
     "device_identity",
     "graph_key",
+    "graph_label",
     "load_graphs",
     "load_package",
     "weights_identity",
@@ -86,6 +87,11 @@ def device_identity(device: torch.device) -> str:
         pass
     flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
     return f"cpu:{model}:flags-{flags}"
+
+
+def graph_label(shape: GraphShape) -> str:
+    """A shape's readable name, in its cache entry's folder name and in the logs."""
+    return f"b{shape.batch_size}-t{shape.threads}"
 
 
 def graph_key(
@@ -305,7 +311,7 @@ def load_graphs(
     planned = sorted(shapes)
     started = time.perf_counter()
     for number, (shape, concurrent) in enumerate(planned, 1):
-        label = f"b{shape.batch_size}-t{shape.threads}"
+        label = graph_label(shape)
         shape_started = time.perf_counter()
 
         def build(path: Path, shape: GraphShape = shape, number: int = number) -> None:
