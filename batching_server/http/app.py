@@ -31,6 +31,7 @@ from ..core.fleet import WorkerRole
 from ..core.readiness import ExitCode, Readiness
 from ..core.shapes import warmup_sizes
 from ..core.watchdog import PassTimer, StallWatchdog
+from ..models.background_compile import BackgroundCompile
 from ..models.loading import compile_runner, load_runner
 from ..models.runner import ModelRunner
 from ..models.spec import ModelSpec
@@ -57,6 +58,7 @@ from .appkeys import (
     BATCHER,
     DECODE_POOL,
     METRICS,
+    MODEL_COMPILE,
     MODEL_SPEC,
     READINESS,
     RUNNER,
@@ -269,6 +271,12 @@ def _model_ctx(
             parameter_bytes=runner.forward_pass.parameter_bytes,
             compiles_after_warmup=lambda: runner.compiles_after_warmup,
         )
+        if injected is None:
+            # Started by the warm-up once the server is ready, when a start on a CPU found
+            # graphs missing from the cache (model.compile = auto).
+            app[MODEL_COMPILE] = BackgroundCompile(
+                runner=runner, settings=settings.model, batching=settings.batching
+            )
         warmup = asyncio.create_task(
             _warm_up(app, runner, compile=injected is None), name="model-warmup"
         )
@@ -278,6 +286,9 @@ def _model_ctx(
             warmup.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await warmup
+            if (background := app.get(MODEL_COMPILE)) is not None:
+                # Never waited for: a build takes minutes, a drain must not.
+                background.abandon()
             if injected is None:
                 await asyncio.to_thread(runner.close)
 
@@ -287,6 +298,7 @@ def _model_ctx(
 async def _warm_up(app: web.Application, runner: ModelRunner, *, compile: bool) -> None:
     settings = app[SETTINGS]
     readiness = app[READINESS]
+    build_later = False
     if compile and settings.model.compile != "false":
         # After the port opens, so /health answers while a first start compiles (minutes).
         readiness.mark_not_ready("compiling the model")
@@ -294,6 +306,7 @@ async def _warm_up(app: web.Application, runner: ModelRunner, *, compile: bool) 
             await asyncio.to_thread(
                 compile_runner, runner, settings.model, batching=settings.batching
             )
+            build_later = True  # if graphs are missing and auto leaves them for later
         except Exception as exc:
             log.exception("compile_failed")
             if settings.model.compile == "true":
@@ -323,6 +336,9 @@ async def _warm_up(app: web.Application, runner: ModelRunner, *, compile: bool) 
     gc.freeze()
     readiness.mark_ready()
     log.info("ready")
+    if build_later and (background := app.get(MODEL_COMPILE)) is not None:
+        # After ready and after warm-up: the eager model serves while it builds.
+        background.start()
 
 
 async def _batcher_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 import batching_server.__main__ as cli
+from batching_server import models
 from batching_server.http.app import create_app
 from batching_server.http.appkeys import READINESS, RUNNER
-from batching_server import models
 from batching_server.models import RESNET50, aot, compile_runner, load_runner, loading
 from batching_server.models.aot import GraphShape, graph_key, weights_identity
 from batching_server.models.compile_cache import ARTIFACT, MANIFEST
