@@ -165,7 +165,7 @@ async def serve(settings: Settings, *, worker: WorkerRuntime | None = None) -> i
     """
     from .grpc.server import GrpcListenError, add_grpc_server
     from .http.app import create_app, create_metrics_app
-    from .http.appkeys import READINESS
+    from .http.appkeys import MODEL_COMPILE, READINESS
 
     app = create_app(settings, worker=worker.role if worker is not None else None)
     runner = web.AppRunner(
@@ -262,6 +262,11 @@ async def serve(settings: Settings, *, worker: WorkerRuntime | None = None) -> i
     if not finished:
         # The cleanup was given up: whatever it still waits for (a hung model thread, a
         # span export) would hold asyncio.run's own teardown too.
+        _exit_now(code)
+    if (background := app.get(MODEL_COMPILE)) is not None and background.running:
+        # The interpreter's teardown, with a thread still inside torch's compiler, aborts
+        # ("terminate called without an active exception"): the status would be 134, not
+        # the drain's. The half-built entry is only a staging folder (see compile_cache).
         _exit_now(code)
     return code
 

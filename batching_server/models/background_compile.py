@@ -57,6 +57,11 @@ class BackgroundCompile:
             builds_in_background(self._settings, forward_pass.device) and not forward_pass.compiled
         )
 
+    @property
+    def running(self) -> bool:
+        """Whether the build thread has started and not ended."""
+        return self._thread is not None and not self.finished.is_set()
+
     def start(self) -> bool:
         """Start the build when it is wanted; True when it started."""
         if self._thread is not None or not self.wanted:
