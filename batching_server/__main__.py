@@ -264,9 +264,9 @@ async def serve(settings: Settings, *, worker: WorkerRuntime | None = None) -> i
         # span export) would hold asyncio.run's own teardown too.
         _exit_now(code)
     if (background := app.get(MODEL_COMPILE)) is not None and background.running:
-        # The interpreter's teardown, with a thread still inside torch's compiler, aborts
-        # ("terminate called without an active exception"): the status would be 134, not
-        # the drain's. The half-built entry is only a staging folder (see compile_cache).
+        # Its thread may be inside torch (loading what the build process built), and the
+        # interpreter's teardown with a thread inside torch's C++ code can abort ("terminate
+        # called without an active exception", status 134 instead of the drain's).
         _exit_now(code)
     return code
 

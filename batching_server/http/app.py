@@ -42,6 +42,7 @@ from ..models.threads import (
     configure_worker_thread,
 )
 from ..models.torchvision_spec import torchvision_classifier
+from ..observability.logs import configure_logging
 from ..observability.metrics import ServiceMetrics
 from ..observability.shared_metrics import MetricFiles
 from ..observability.tracing import (
@@ -274,8 +275,19 @@ def _model_ctx(
         if injected is None:
             # Started by the warm-up once the server is ready, when a start on a CPU found
             # graphs missing from the cache (model.compile = auto).
+            worker = app.get(WORKER)
             app[MODEL_COMPILE] = BackgroundCompile(
-                runner=runner, settings=settings.model, batching=settings.batching
+                runner=runner,
+                spec=app[MODEL_SPEC],
+                settings=settings.model,
+                batching=settings.batching,
+                # The build process logs as this one does, on the same stdout.
+                log_setup=functools.partial(
+                    configure_logging,
+                    level=settings.logging.level,
+                    fmt=settings.logging.format,
+                    fields={"worker": worker.index} if worker is not None else None,
+                ),
             )
         warmup = asyncio.create_task(
             _warm_up(app, runner, compile=injected is None), name="model-warmup"
