@@ -477,8 +477,8 @@ class ModelSettings:
         on a small CPU, with each shape's progress in the logs; later starts load the compiled
         code in seconds. Build the cache before deploying with `batching-server compile`.
         `auto` compiles on a GPU before the server is ready; on a CPU it loads a cache that holds
-        every shape before ready, and otherwise is ready at once on the eager model while one
-        low-priority thread builds the missing shapes, then switches to the compiled code
+        every shape before ready, and otherwise is ready at once on the eager model while a
+        low-priority process builds the missing shapes, then switches to the compiled code
         (`model_compiled`); a failed build keeps serving eagerly. `true` compiles wherever the
         cache misses, before ready; `false` runs eagerly. Set
         `batching.batch_sizes`, such as `[1, 2, 4, 8]`, so that only those shapes are
