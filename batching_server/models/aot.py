@@ -301,11 +301,13 @@ def load_graphs(
     precision: str,
     device: torch.device,
     allow_build: bool = True,
+    load: Callable[[Path], Graph] | None = None,
 ) -> CompiledGraphs | None:
     """Every shape's graph, loaded from ``cache`` or built into it (progress in the logs).
 
     ``shapes`` pairs each shape with how many threads may run it at once. None when
-    ``allow_build`` is false and some entry is missing or unusable.
+    ``allow_build`` is false and some entry is missing or unusable. ``load`` replaces
+    ``load_package`` (a process that only builds need not load).
     """
     graphs: dict[GraphShape, Graph] = {}
     planned = sorted(shapes)
@@ -334,7 +336,7 @@ def load_graphs(
             label,
             key(shape),
             build=build,
-            load=functools.partial(load_package, device=device, concurrent=concurrent),
+            load=load or functools.partial(load_package, device=device, concurrent=concurrent),
             allow_build=allow_build,
         )
         if found is None:

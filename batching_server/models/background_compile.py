@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 import torch
@@ -90,7 +91,17 @@ def build_graphs(job: BuildJob) -> None:
         example=example,
         precision=forward_pass.precision,
         device=forward_pass.device,
+        # Checked (manifest, checksum) but not loaded: the parent loads them, and each
+        # loaded graph would hold another copy of the weights here.
+        load=_not_loaded,
     )
+
+
+def _not_loaded(package: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    def never(batch: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(f"{package} was built here, to be loaded by the server")
+
+    return never
 
 
 class BackgroundCompile:
