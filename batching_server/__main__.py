@@ -179,7 +179,7 @@ async def serve(settings: Settings, *, worker: WorkerRuntime | None = None) -> i
     """
     from .grpc.server import GrpcListenError, add_grpc_server
     from .http.app import create_app, create_metrics_app
-    from .http.appkeys import READINESS
+    from .http.appkeys import MODEL_COMPILE, READINESS
 
     app = create_app(settings, worker=worker.role if worker is not None else None)
     runner = web.AppRunner(
@@ -276,6 +276,11 @@ async def serve(settings: Settings, *, worker: WorkerRuntime | None = None) -> i
     if not finished:
         # The cleanup was given up: whatever it still waits for (a hung model thread, a
         # span export) would hold asyncio.run's own teardown too.
+        _exit_now(code)
+    if (background := app.get(MODEL_COMPILE)) is not None and background.running:
+        # Its thread may be inside torch (loading what the build process built), and the
+        # interpreter's teardown with a thread inside torch's C++ code can abort ("terminate
+        # called without an active exception", status 134 instead of the drain's).
         _exit_now(code)
     return code
 

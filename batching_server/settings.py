@@ -518,9 +518,11 @@ class ModelSettings:
         `model.compile_cache_dir`, so only the first start with given settings compiles: minutes
         on a small CPU, with each shape's progress in the logs; later starts load the compiled
         code in seconds. Build the cache before deploying with `batching-server compile`.
-        `auto` compiles on a GPU, and on a CPU only when the cache already holds every shape (a
-        first start on a CPU would otherwise wait minutes): run `batching-server compile` once to
-        turn it on. `true` compiles wherever the cache misses; `false` runs eagerly. Set
+        `auto` compiles on a GPU before the server is ready; on a CPU it loads a cache that holds
+        every shape before ready, and otherwise is ready at once on the eager model while a
+        low-priority process builds the missing shapes, then switches to the compiled code
+        (`model_compiled`); a failed build keeps serving eagerly. `true` compiles wherever the
+        cache misses, before ready; `false` runs eagerly. Set
         `batching.batch_sizes`, such as `[1, 2, 4, 8]`, so that only those shapes are
         compiled.""",
     )

@@ -448,6 +448,37 @@ def test_hung_forward_pass_exits_4_after_answering(tmp_path: Path) -> None:
     assert names[-1] == "stopped"
 
 
+@pytest.mark.slow
+def test_sigterm_during_a_background_compile_exits_0_at_once(tmp_path: Path) -> None:
+    """The drain does not wait for the build: its process (and its compilers) are killed,
+    and a later start finds no entry, only what a killed build leaves."""
+    cache = tmp_path / "cache"
+    server = serve_random(
+        tmp_path,
+        MODEL__NAME="resnet18",
+        MODEL__WARMUP="false",
+        MODEL__COMPILE="auto",
+        MODEL__COMPILE_CACHE_DIR=str(cache),
+    )
+    try:
+        process, lines = server.wait_for("model_compile_process_started")
+        _, more = server.wait_for("compiling_graph")  # logged by the build process
+        lines += more
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=TIMEOUT_S) == 0
+        lines += server.rest()
+    finally:
+        server.close()
+    names = [event["event"] for event in json_lines("".join(lines))]
+    assert names.index("ready") < names.index("model_compiling_in_background")
+    assert names.index("shutting_down") < names.index("stopped")
+    # Neither a failure nor a swap: abandoned (logged if its thread gets there before exit).
+    assert not {"compile_failed", "model_compiled", "compiled_graph_built"} & set(names)
+    with pytest.raises(ProcessLookupError):
+        os.kill(process["pid"], 0)  # killed and reaped
+    assert [p for p in cache.iterdir() if not p.name.startswith(".")] == []  # no entry
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -31,6 +31,7 @@ from ..core.fleet import WorkerRole
 from ..core.readiness import ExitCode, Readiness
 from ..core.shapes import warmup_sizes
 from ..core.watchdog import PassTimer, StallWatchdog
+from ..models.background_compile import BackgroundCompile
 from ..models.loading import compile_runner, load_runner
 from ..models.runner import ModelRunner
 from ..models.spec import ModelSpec
@@ -41,6 +42,7 @@ from ..models.threads import (
     configure_worker_thread,
 )
 from ..models.torchvision_spec import torchvision_classifier
+from ..observability.logs import configure_logging
 from ..observability.metrics import ServiceMetrics
 from ..observability.shared_metrics import MetricFiles
 from ..observability.tracing import (
@@ -57,6 +59,7 @@ from .appkeys import (
     BATCHER,
     DECODE_POOL,
     METRICS,
+    MODEL_COMPILE,
     MODEL_SPEC,
     READINESS,
     RUNNER,
@@ -269,6 +272,23 @@ def _model_ctx(
             parameter_bytes=runner.forward_pass.parameter_bytes,
             compiled=lambda: runner.forward_pass.compiled,
         )
+        if injected is None:
+            # Started by the warm-up once the server is ready, when a start on a CPU found
+            # graphs missing from the cache (model.compile = auto).
+            worker = app.get(WORKER)
+            app[MODEL_COMPILE] = BackgroundCompile(
+                runner=runner,
+                spec=app[MODEL_SPEC],
+                settings=settings.model,
+                batching=settings.batching,
+                # The build process logs as this one does, on the same stdout.
+                log_setup=functools.partial(
+                    configure_logging,
+                    level=settings.logging.level,
+                    fmt=settings.logging.format,
+                    fields={"worker": worker.index} if worker is not None else None,
+                ),
+            )
         warmup = asyncio.create_task(
             _warm_up(app, runner, compile=injected is None), name="model-warmup"
         )
@@ -278,6 +298,9 @@ def _model_ctx(
             warmup.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await warmup
+            if (background := app.get(MODEL_COMPILE)) is not None:
+                # Never waited for: a build takes minutes, a drain must not.
+                background.abandon()
             if injected is None:
                 await asyncio.to_thread(runner.close)
 
@@ -287,6 +310,7 @@ def _model_ctx(
 async def _warm_up(app: web.Application, runner: ModelRunner, *, compile: bool) -> None:
     settings = app[SETTINGS]
     readiness = app[READINESS]
+    build_later = False
     if compile and settings.model.compile != "false":
         # After the port opens, so /health answers while a first start compiles (minutes).
         readiness.mark_not_ready("compiling the model")
@@ -294,6 +318,7 @@ async def _warm_up(app: web.Application, runner: ModelRunner, *, compile: bool) 
             await asyncio.to_thread(
                 compile_runner, runner, settings.model, batching=settings.batching
             )
+            build_later = True  # if graphs are missing and auto leaves them for later
         except Exception as exc:
             log.exception("compile_failed")
             if settings.model.compile == "true":
@@ -323,6 +348,9 @@ async def _warm_up(app: web.Application, runner: ModelRunner, *, compile: bool) 
     gc.freeze()
     readiness.mark_ready()
     log.info("ready")
+    if build_later and (background := app.get(MODEL_COMPILE)) is not None:
+        # After ready and after warm-up: the eager model serves while it builds.
+        background.start()
 
 
 async def _batcher_ctx(app: web.Application) -> AsyncIterator[None]:

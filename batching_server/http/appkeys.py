@@ -10,6 +10,7 @@ from opentelemetry import trace
 from ..core.batcher import Batcher
 from ..core.fleet import WorkerRole
 from ..core.readiness import Readiness
+from ..models.background_compile import BackgroundCompile
 from ..models.runner import ImageInput, ModelRunner, Prediction
 from ..models.spec import ModelSpec
 from ..observability.metrics import ServiceMetrics
@@ -21,6 +22,7 @@ __all__ = [
     "DECODE_POOL",
     "IMAGE_COUNT",
     "METRICS",
+    "MODEL_COMPILE",
     "MODEL_SPEC",
     "READINESS",
     "REQUEST_ID",
@@ -37,6 +39,8 @@ MODEL_SPEC = web.AppKey("model_spec", ModelSpec)
 RUNNER = web.AppKey("runner", ModelRunner)
 DECODE_POOL = web.AppKey("decode_pool", DecodePool)
 BATCHER = web.AppKey("batcher", Batcher[ImageInput, Prediction])
+# Set only when the app loads the model itself (no runner passed in).
+MODEL_COMPILE = web.AppKey("model_compile", BackgroundCompile)
 
 METRICS = web.AppKey("metrics", ServiceMetrics)
 TRACER = web.AppKey("tracer", trace.Tracer)

@@ -39,6 +39,7 @@ __all__ = [
     "build_package",
     "device_identity",
     "graph_key",
+    "graph_label",
     "load_graphs",
     "load_package",
     "weights_identity",
@@ -86,6 +87,11 @@ def device_identity(device: torch.device) -> str:
         pass
     flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
     return f"cpu:{model}:flags-{flags}"
+
+
+def graph_label(shape: GraphShape) -> str:
+    """A shape's readable name, in its cache entry's folder name and in the logs."""
+    return f"b{shape.batch_size}-t{shape.threads}"
 
 
 def graph_key(
@@ -295,17 +301,19 @@ def load_graphs(
     precision: str,
     device: torch.device,
     allow_build: bool = True,
+    load: Callable[[Path], Graph] | None = None,
 ) -> CompiledGraphs | None:
     """Every shape's graph, loaded from ``cache`` or built into it (progress in the logs).
 
     ``shapes`` pairs each shape with how many threads may run it at once. None when
-    ``allow_build`` is false and some entry is missing or unusable.
+    ``allow_build`` is false and some entry is missing or unusable. ``load`` replaces
+    ``load_package`` (a process that only builds need not load).
     """
     graphs: dict[GraphShape, Graph] = {}
     planned = sorted(shapes)
     started = time.perf_counter()
     for number, (shape, concurrent) in enumerate(planned, 1):
-        label = f"b{shape.batch_size}-t{shape.threads}"
+        label = graph_label(shape)
         shape_started = time.perf_counter()
 
         def build(path: Path, shape: GraphShape = shape, number: int = number) -> None:
@@ -328,7 +336,7 @@ def load_graphs(
             label,
             key(shape),
             build=build,
-            load=functools.partial(load_package, device=device, concurrent=concurrent),
+            load=load or functools.partial(load_package, device=device, concurrent=concurrent),
             allow_build=allow_build,
         )
         if found is None:

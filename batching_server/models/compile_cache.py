@@ -2,9 +2,10 @@
 
 An entry is a folder holding one artifact and a manifest (the key's fields and the artifact's
 SHA-256). It is built in a temporary folder beside it and renamed into place, so a process
-that starts while another builds sees either no entry or a whole one. An entry whose manifest
-names another key (stale) or whose artifact does not match its checksum or does not load
-(corrupt) is logged and rebuilt, never used.
+that starts while another builds sees either no entry or a whole one; a build killed midway
+leaves only its staging folder, never read, and removed by a later build once a day old. An
+entry whose manifest names another key (stale) or whose artifact does not match its checksum
+or does not load (corrupt) is logged and rebuilt, never used.
 
 It knows nothing of torch: the caller says what the key is, how to build an artifact and how
 to load one.
@@ -16,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -30,6 +32,7 @@ import structlog
 __all__ = [
     "ARTIFACT",
     "FORMAT",
+    "LEFTOVER_AGE_S",
     "MANIFEST",
     "CacheEntryError",
     "CompileCache",
@@ -49,6 +52,11 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 ARTIFACT = "model.pt2"
 _CHUNK = 1 << 20
+# A build's staging folder (tempfile.mkdtemp's suffix), or an entry moved aside to be replaced.
+_LEFTOVER = re.compile(r"\..+-[0-9a-f]{24}\.(?:old-[0-9a-f]{8}|[a-z0-9_]{8})")
+# A process killed mid-build (a server stopped while it compiled in the background) leaves
+# its staging folder; one this old cannot belong to a build still running, in any process.
+LEFTOVER_AGE_S = 24 * 3600
 
 
 class CacheEntryError(Exception):
@@ -143,6 +151,7 @@ class CompileCache:
 
     def _build(self, entry: Path, key: Mapping[str, str], build: Callable[[Path], None]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
         # Beside the entry, so the rename that publishes it stays on one file system.
         staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=self.root))
         try:
@@ -158,6 +167,21 @@ class CompileCache:
             _publish(staging, entry)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _remove_leftovers(self) -> None:
+        """Remove what builds killed midway left behind; never loaded, but it takes space."""
+        # File times are wall-clock times: so is the age they are compared with.
+        oldest = time.time() - LEFTOVER_AGE_S
+        for path in self.root.iterdir():
+            if not _LEFTOVER.fullmatch(path.name):
+                continue
+            try:
+                if path.stat().st_mtime >= oldest:
+                    continue
+            except FileNotFoundError:  # another process removed it first
+                continue
+            log.info("compile_cache_leftover_removed", path=str(path))
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def read_manifest(entry: Path) -> dict[str, object]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -32,7 +33,16 @@ from .spec import ModelSpec
 from .threads import available_cores, plan_threads
 from .torchvision_spec import RESNET50
 
-__all__ = ["cache_root", "compile_runner", "device_preprocessor", "load_runner", "resolve_device"]
+__all__ = [
+    "GraphPlan",
+    "builds_in_background",
+    "cache_root",
+    "compile_runner",
+    "device_preprocessor",
+    "graph_plan",
+    "load_runner",
+    "resolve_device",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -135,21 +145,36 @@ def compile_runner(
 def _builds_first(settings: ModelSettings, device: torch.device) -> bool:
     """Whether a graph missing from the cache is compiled now, rather than run eagerly."""
     # auto compiles on a GPU (seconds a shape); on a CPU a first compile takes minutes a
-    # shape, so auto only loads what `batching-server compile` (or an earlier start) built.
+    # shape, so auto only loads what `batching-server compile` (or an earlier start) built,
+    # and a server builds the rest in the background (builds_in_background).
     return settings.compile == "true" or device.type == "cuda"
 
 
-def _compiled_graphs(
+def builds_in_background(settings: ModelSettings, device: torch.device) -> bool:
+    """Whether graphs missing from the cache are built while the model serves eagerly."""
+    return (
+        settings.compile == "auto"
+        and not _builds_first(settings, device)
+        and bool(settings.compile_cache_dir)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class GraphPlan:
+    """The graphs a runner needs: each shape with how many threads may run it at once, each
+    shape's cache key, and an example batch of a size."""
+
+    shapes: list[tuple[GraphShape, int]]
+    key: Callable[[GraphShape], dict[str, str]]
+    example: Callable[[int], torch.Tensor]
+
+
+def graph_plan(
     runner: ModelRunner, settings: ModelSettings, batching: BatchingSettings
-) -> tuple[CompiledGraphs | None, str]:
-    """The compiled graphs ``model.compile`` asks for (None: run eagerly), and why."""
+) -> GraphPlan:
+    """The graphs ``runner``'s thread plan and ``batching``'s shapes call for."""
     forward_pass = runner.forward_pass
     device = forward_pass.device
-    if settings.compile == "false":
-        return None, "model.compile is false"
-    allow_build = _builds_first(settings, device)
-    if not allow_build and not settings.compile_cache_dir:
-        return None, "model.compile is auto on a CPU and there is no cache to load from"
     # The thread plan's shapes: every batch size on a shared pass's threads, and a lone
     # image on the solo thread count when it gets a thread of its own.
     threads = runner.threads
@@ -176,21 +201,37 @@ def _compiled_graphs(
         batch = torch.zeros(size, 3, input_size, input_size, device=device)
         return batch.contiguous(memory_format=forward_pass.memory_format)
 
+    return GraphPlan(shapes=shapes, key=key, example=example)
+
+
+def _compiled_graphs(
+    runner: ModelRunner, settings: ModelSettings, batching: BatchingSettings
+) -> tuple[CompiledGraphs | None, str]:
+    """The compiled graphs ``model.compile`` asks for (None: run eagerly), and why."""
+    forward_pass = runner.forward_pass
+    device = forward_pass.device
+    if settings.compile == "false":
+        return None, "model.compile is false"
+    allow_build = _builds_first(settings, device)
+    if not allow_build and not settings.compile_cache_dir:
+        return None, "model.compile is auto on a CPU and there is no cache to load from"
+    plan = graph_plan(runner, settings, batching)
     with _cache(settings) as cache:
         graphs = load_graphs(
             forward_pass.module,
             cache=cache,
-            shapes=shapes,
-            key=key,
-            example=example,
+            shapes=plan.shapes,
+            key=plan.key,
+            example=plan.example,
             precision=forward_pass.precision,
             device=device,
             allow_build=allow_build,
         )
     if graphs is None:
         return None, (
-            "model.compile is auto on a CPU and the cache lacks some shape: run "
-            "`batching-server compile` once to build it (or set model.compile = true)"
+            "model.compile is auto on a CPU and the cache lacks some shape: a server builds "
+            "the missing ones in the background and serves eagerly meanwhile (or run "
+            "`batching-server compile` once before starting)"
         )
     return graphs, f"model.compile is {settings.compile}"
 

@@ -11,11 +11,13 @@ import structlog
 import torch
 
 __all__ = [
+    "BUILD_NICENESS",
     "DECODE_NICENESS",
     "MODEL_NICENESS",
     "ThreadPlan",
     "available_cores",
     "configure_worker_thread",
+    "lower_thread_priority",
     "plan_threads",
     "thread_niceness",
 ]
@@ -28,6 +30,10 @@ log = structlog.get_logger(__name__)
 # serves all its images, while a late loop delays every request.
 DECODE_NICENESS = 10
 MODEL_NICENESS = 19
+# Added to the nice value of the thread that compiles the model in the background (and of the
+# compiler processes it starts): the eager model serves meanwhile, and every request it
+# serves matters more than finishing the build sooner.
+BUILD_NICENESS = 19
 
 
 def available_cores() -> int:
@@ -84,10 +90,16 @@ def configure_worker_thread(*, torch_threads: int, niceness: int) -> None:
     # runs that lazy set-up now, so the count set next is the one this thread keeps.
     torch.get_num_threads()
     torch.set_num_threads(torch_threads)
+    lower_thread_priority(niceness)
+
+
+def lower_thread_priority(niceness: int) -> None:
+    """Add ``niceness`` to the calling thread's nice value (Linux; elsewhere nothing)."""
     if sys.platform != "linux" or not niceness:
         return
-    # The threads this one starts (the model's OpenMP workers) inherit its nice value; the
-    # event loop keeps its own. Raising niceness needs no privilege.
+    # The threads and processes this one starts (the model's OpenMP workers, a compiler)
+    # inherit its nice value; the event loop keeps its own. Raising niceness needs no
+    # privilege.
     try:
         os.setpriority(os.PRIO_PROCESS, _thread_id(), min(19, thread_niceness() + niceness))
     except OSError as exc:

@@ -233,7 +233,7 @@ async def test_compile_builds_the_cache_and_a_start_loads_it(
     runner = load_runner(settings.model, batching=settings.batching, spec=TinySpec())
     assert not compile_runner(runner, settings.model, batching=settings.batching)
     runner.close()
-    assert not runner.forward_pass.compiled  # auto on a CPU: never a first compile
+    assert not runner.forward_pass.compiled  # compile_runner never builds with auto on a CPU
     assert builds.shapes == [2]
 
 

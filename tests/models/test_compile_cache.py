@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import structlog
 
 from batching_server.models.compile_cache import (
     ARTIFACT,
+    LEFTOVER_AGE_S,
     MANIFEST,
     CompileCache,
     default_cache_dir,
@@ -159,6 +161,34 @@ def test_a_build_that_dies_halfway_leaves_no_entry(tmp_path: Path) -> None:
     assert found is not None
     assert found.built
     assert found.value == b"compiled code"
+
+
+def test_a_build_removes_what_killed_builds_left(tmp_path: Path) -> None:
+    """A process killed mid-build (no finally ran) leaves its staging folder: never loaded,
+    and removed by a later build once too old to be a build still running."""
+    cache = CompileCache(root=tmp_path)
+    entry = cache.entry_path("b1", KEY)
+    stale = tmp_path / f".{entry.name}.k1ll3d_x"  # as tempfile.mkdtemp names it
+    recent = tmp_path / f".{entry.name}.runn1ng_"
+    aside = tmp_path / f".{entry.name}.old-0123abcd"
+    unrelated = tmp_path / ".someone-elses"
+    for folder in (stale, recent, aside, unrelated):
+        folder.mkdir()
+        (folder / ARTIFACT).write_bytes(b"half")
+    day_ago = time.time() - LEFTOVER_AGE_S - 60
+    for folder in (stale, aside, unrelated):
+        os.utime(folder, (day_ago, day_ago))
+    # A leftover is never read as the entry: the entry is missing.
+    assert cache.get("b1", KEY, build=Builder(), load=read, allow_build=False) is None
+    assert stale.exists()
+    with structlog.testing.capture_logs() as logs:
+        found = cache.get("b2", KEY, build=Builder(), load=read)
+    assert found is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [found.path.name, recent.name, unrelated.name]
+    )
+    removed = {e["path"] for e in logs if e["event"] == "compile_cache_leftover_removed"}
+    assert removed == {str(stale), str(aside)}
 
 
 def test_a_half_written_entry_is_never_read(tmp_path: Path) -> None:
