@@ -522,9 +522,8 @@ class ModelSettings:
         every shape before ready, and otherwise is ready at once on the eager model while a
         low-priority process builds the missing shapes, then switches to the compiled code
         (`model_compiled`); a failed build keeps serving eagerly. `true` compiles wherever the
-        cache misses, before ready; `false` runs eagerly. Set
-        `batching.batch_sizes`, such as `[1, 2, 4, 8]`, so that only those shapes are
-        compiled.""",
+        cache misses, before ready; `false` runs eagerly. The shapes compiled are those of
+        `batching.batch_sizes` (by default the powers of two up to `batching.max_batch_size`).""",
     )
     compile_cache_dir: str = _setting(
         "default",
