@@ -688,9 +688,9 @@ def render_headline(results: Results) -> str:
             f"{bound:.0%}",
         ],
         [
-            "this server / LitServe throughput at concurrency 32, both eager "
+            "this server (defaults) / LitServe (`torch.compile`) throughput at concurrency 32 "
             f"({_machine_tag(results['peers.json'])})",
-            f"{peers[('ours', 'c32')] / peers[('litserve', 'c32')]:.2f}{TIMES}",
+            f"{peers[('ours', 'c32')] / peers[('litserve-compiled', 'c32')]:.2f}{TIMES}",
         ],
         [
             f"p50 latency at concurrency 1 (tuned, {_machine_tag(results['load.json'])})",
