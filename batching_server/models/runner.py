@@ -92,8 +92,6 @@ class ModelRunner:
         self.forward_pass = forward_pass
         self.threads = threads
         self.input_size = input_size
-        # Dynamo's graph count when warm-up ended (None until then, and without compile), and
-        # how many compiles since then have been logged.
         self._busy = 0  # forward passes handed to a thread and not ended; a stalled one never ends
         self._busy_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(
