@@ -586,20 +586,23 @@ def _startup(name: str, data: Json) -> str:
         "its log lines: `starting` (Python, torch and the package imported), `model_loaded`, "
         "`listening`, the compile's outcome and `ready`. The first compiled start builds every "
         "shape into an empty cache (`model.compile = true`); the later ones run the default "
-        "(`auto`), which loads them. Medians over the starts of each kind."
+        "(`auto`), which loads them. RSS is the process's resident memory once ready: each "
+        "compiled graph holds its own copy of the (frozen) weights. Medians over the starts of "
+        "each kind."
     )
     rows = [
         [
             str(row["kind"]),
             _fmt(row["starts"], "d"),
             *(_fmt(row.get(phase), ".1f") for phase in _STARTUP_PHASES),
+            _fmt(row.get("rss_mb"), ".0f"),
             _fmt(row["graphs_built"], "d"),
             _fmt(row["graphs_loaded"], "d"),
         ]
         for row in data["summary"]
     ]
     header = ["start", "starts", "imported", "model loaded", "listening", "compiled", "ready"]
-    table = _table([*header, "graphs built", "graphs loaded"], rows)
+    table = _table([*header, "RSS MiB", "graphs built", "graphs loaded"], rows)
     return _section("Start-up: `benchmarks.startup`", intro, name, data, table)
 
 

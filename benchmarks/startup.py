@@ -3,10 +3,10 @@
 Each start is a fresh ``python -m batching_server`` process with the product's defaults (and
 ``--set`` overrides); the times are when its log lines arrive, from the moment it was spawned:
 ``starting`` (Python and the package imported), ``model_loaded``, ``listening``,
-``model_compiled`` / ``model_not_compiled`` and ``ready``. The compiled starts share one
-compile cache folder (``--cache-dir``; a fresh temporary one by default, so the first
-compiles every shape, with ``model.compile = true``); the later ones run the default
-(``auto``), which loads what the first built.
+``model_compiled`` / ``model_not_compiled`` and ``ready``; and its resident memory once ready.
+The compiled starts share one compile cache folder (``--cache-dir``; a fresh temporary one
+by default, so the first compiles every shape, with ``model.compile = true``); the later ones
+run the default (``auto``), which loads what the first built.
 
     python -m benchmarks.startup --warm-starts 3
 """
@@ -73,6 +73,8 @@ async def start_once(settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 raise RuntimeError(f"the server failed to start: {event.get('reason')}")
             if name in PHASES and name not in seen:
                 seen[name] = time.perf_counter() - spawned
+        # Memory once ready: the model, and each compiled graph's own copy of the weights.
+        facts["rss_mb"] = _rss_mb(process.pid)
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
@@ -82,6 +84,18 @@ async def start_once(settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 process.kill()
                 await process.wait()
     return {"seconds": seen, **facts}
+
+
+def _rss_mb(pid: int) -> float | None:
+    """Resident memory of ``pid`` in MiB (Linux), None where /proc cannot say."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return None
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -119,6 +133,8 @@ def summary(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for phase in PHASES:
             times = [r["seconds"][phase] for r in mine if phase in r["seconds"]]
             row[phase] = statistics.median(times) if times else None
+        rss = [r["rss_mb"] for r in mine if r.get("rss_mb") is not None]
+        row["rss_mb"] = statistics.median(rss) if rss else None
         row["graphs_built"] = sum(r.get("graphs_built", 0) for r in mine)
         row["graphs_loaded"] = sum(r.get("graphs_loaded", 0) for r in mine)
         rows.append(row)
@@ -138,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "startup.json")
     args = parser.parse_args(argv)
     payload = asyncio.run(run(args))
-    print(table(payload["summary"], ("kind", "starts", *PHASES, "graphs_built", "graphs_loaded")))
+    columns = ("kind", "starts", *PHASES, "rss_mb", "graphs_built", "graphs_loaded")
+    print(table(payload["summary"], columns))
     write_json(args.out, payload)
     return 0
 
