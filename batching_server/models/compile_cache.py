@@ -14,6 +14,7 @@ to load one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -31,6 +32,7 @@ import structlog
 
 __all__ = [
     "ARTIFACT",
+    "BUILD_LOCK",
     "FORMAT",
     "LEFTOVER_AGE_S",
     "MANIFEST",
@@ -57,6 +59,8 @@ _LEFTOVER = re.compile(r"\..+-[0-9a-f]{24}\.(?:old-[0-9a-f]{8}|[a-z0-9_]{8})")
 # A process killed mid-build (a server stopped while it compiled in the background) leaves
 # its staging folder; one this old cannot belong to a build still running, in any process.
 LEFTOVER_AGE_S = 24 * 3600
+# The file builds lock, in the cache folder (it stays: removing it could let two builds in).
+BUILD_LOCK = ".build.lock"
 
 
 class CacheEntryError(Exception):
@@ -116,15 +120,42 @@ class CompileCache:
         the artifact at ``path``), stored and loaded. None when there is no usable entry and
         ``allow_build`` is false."""
         entry = self.entry_path(label, key)
-        if entry.exists():
-            try:
-                return Lookup(self._load(entry, key, load), built=False, path=entry)
-            except CacheEntryError as exc:
-                log.warning("compile_cache_entry_rejected", entry=str(entry), problem=str(exc))
-        if not allow_build:
-            return None
-        self._build(entry, key, build)
+        seen = _stamp(entry)
+        found = self._cached(entry, key, load)
+        if found is not None or not allow_build:
+            return found
+        with self._build_lock(entry):
+            # Another process (a worker, a `compile`) may have built it while this one waited.
+            if _stamp(entry) != seen and (found := self._cached(entry, key, load)) is not None:
+                return found
+            self._build(entry, key, build)
         return Lookup(self._load(entry, key, load), built=True, path=entry)
+
+    def _cached(
+        self, entry: Path, key: Mapping[str, str], load: Callable[[Path], T]
+    ) -> Lookup[T] | None:
+        """The entry loaded, or None when it is missing or unusable (logged)."""
+        if not entry.exists():
+            return None
+        try:
+            return Lookup(self._load(entry, key, load), built=False, path=entry)
+        except CacheEntryError as exc:
+            log.warning("compile_cache_entry_rejected", entry=str(entry), problem=str(exc))
+            return None
+
+    @contextlib.contextmanager
+    def _build_lock(self, entry: Path) -> Iterator[None]:
+        """One build at a time per cache folder, across processes: several workers starting
+        together build each graph once, the others load it. The kernel drops the lock of a
+        process that dies, so a killed build never blocks the next."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / BUILD_LOCK).open("a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("compile_cache_waiting", entry=str(entry), reason="another build runs")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            yield  # closing the file releases the lock
 
     def _load(self, entry: Path, key: Mapping[str, str], load: Callable[[Path], T]) -> T:
         manifest = read_manifest(entry)
@@ -193,6 +224,15 @@ def read_manifest(entry: Path) -> dict[str, object]:
     if not isinstance(manifest, dict):
         raise CacheEntryError(f"corrupt: {MANIFEST} is not an object")
     return manifest
+
+
+def _stamp(entry: Path) -> tuple[int, int] | None:
+    """Which version of ``entry`` is on disk (None: none): publishing replaces the folder."""
+    try:
+        stat = entry.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def _publish(staging: Path, entry: Path) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 from batching_server.http.app import create_app
 from batching_server.http.appkeys import MODEL_COMPILE, READINESS, RUNNER
 from batching_server.models import aot, background_compile
+from batching_server.models.compile_cache import BUILD_LOCK
 from batching_server.models.threads import thread_niceness
 from tests.models.test_aot import INPUT, TinySpec, ready_app, tiny_settings
 
@@ -110,7 +111,8 @@ async def test_auto_on_a_cpu_is_ready_at_once_and_compiles_in_the_background(
     # Built by the child (its log lines are its own), loaded here: one whole entry, no
     # leftovers.
     assert not any(e.startswith("compiling_graph") for e in events)
-    assert [p.name.startswith(".") for p in cache.iterdir()] == [False]
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == [BUILD_LOCK]
+    assert len(list(cache.iterdir())) == 2
 
 
 async def test_a_failed_background_build_keeps_serving_eagerly(

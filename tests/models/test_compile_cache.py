@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
 
 from batching_server.models.compile_cache import (
     ARTIFACT,
+    BUILD_LOCK,
     LEFTOVER_AGE_S,
     MANIFEST,
     CompileCache,
@@ -50,7 +53,8 @@ def test_a_miss_builds_and_a_hit_loads_without_building(tmp_path: Path) -> None:
     assert second is not None
     assert (second.value, second.built, build.builds) == (b"compiled code", False, 1)
     # Nothing but the entry is left behind: no staging folder.
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.path.name]
+    names = [p.name for p in (tmp_path / "cache").iterdir() if p.name != BUILD_LOCK]
+    assert names == [first.path.name]
 
 
 @pytest.mark.parametrize(
@@ -155,7 +159,8 @@ def test_a_build_that_dies_halfway_leaves_no_entry(tmp_path: Path) -> None:
 
     with pytest.raises(KeyboardInterrupt):
         cache.get("b1", KEY, build=dies, load=read)
-    assert list(tmp_path.iterdir()) == []  # neither an entry nor its staging folder
+    # Neither an entry nor its staging folder: only the lock builds take.
+    assert [p.name for p in tmp_path.iterdir()] == [BUILD_LOCK]
     build = Builder()
     found = cache.get("b1", KEY, build=build, load=read)
     assert found is not None
@@ -185,28 +190,27 @@ def test_a_build_removes_what_killed_builds_left(tmp_path: Path) -> None:
         found = cache.get("b2", KEY, build=Builder(), load=read)
     assert found is not None
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [found.path.name, recent.name, unrelated.name]
+        [found.path.name, recent.name, unrelated.name, BUILD_LOCK]
     )
     removed = {e["path"] for e in logs if e["event"] == "compile_cache_leftover_removed"}
     assert removed == {str(stale), str(aside)}
 
 
 def test_a_half_written_entry_is_never_read(tmp_path: Path) -> None:
-    """While one process builds, another sees no entry at all (it builds its own), never the
-    builder's partial artifact; both then publish, and the entry is whole."""
+    """While one process builds, another sees no entry at all, never the builder's partial
+    artifact; once published, the entry is whole."""
     cache = CompileCache(root=tmp_path)
     seen: list[object] = []
 
     def slow_build(path: Path) -> None:
         path.write_bytes(b"half")
-        # Another process starts now: the half-built artifact must be invisible to it.
-        other = cache.get("b1", KEY, build=Builder(b"the other's"), load=read)
-        assert other is not None
-        seen.append(other.value)
+        # Another process looks now (a builder would wait for the lock, see the next test):
+        # the half-built artifact must be invisible to it.
+        seen.append(cache.get("b1", KEY, build=Builder(), load=read, allow_build=False))
         path.write_bytes(b"half and the rest")
 
     found = cache.get("b1", KEY, build=slow_build, load=read)
-    assert seen == [b"the other's"]
+    assert seen == [None]
     assert found is not None
     assert found.value == b"half and the rest"
     # One entry, consistent with its manifest, and no staging or old folders left.
@@ -214,7 +218,7 @@ def test_a_half_written_entry_is_never_read(tmp_path: Path) -> None:
     assert again is not None
     assert not again.built
     assert again.value == b"half and the rest"
-    assert [p.name for p in tmp_path.iterdir()] == [found.path.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([found.path.name, BUILD_LOCK])
 
 
 def test_the_default_folder_follows_xdg(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -222,3 +226,39 @@ def test_the_default_folder_follows_xdg(monkeypatch: pytest.MonkeyPatch) -> None
     assert default_cache_dir() == Path("/var/cache/x/batching_server/compiled")
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_cache_dir() == Path(os.path.expanduser("~/.cache/batching_server/compiled"))
+
+
+def test_two_builders_of_one_entry_build_it_once(tmp_path: Path) -> None:
+    """Workers starting together: the second waits for the first's build, then loads it."""
+    root = tmp_path / "cache"
+    building, release = threading.Event(), threading.Event()
+
+    def held_build(path: Path) -> None:
+        building.set()
+        assert release.wait(60)
+        path.write_bytes(b"compiled code")
+
+    second_build = Builder()
+    results: dict[str, Any] = {}
+
+    def first() -> None:
+        results["first"] = CompileCache(root=root).get("b1", KEY, build=held_build, load=read)
+
+    def second() -> None:
+        results["second"] = CompileCache(root=root).get("b1", KEY, build=second_build, load=read)
+
+    with structlog.testing.capture_logs() as logs:
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        threads[0].start()
+        assert building.wait(60)
+        threads[1].start()
+        deadline = time.monotonic() + 60
+        while not any(e["event"] == "compile_cache_waiting" for e in logs):
+            assert time.monotonic() < deadline, "the second builder never waited"
+            time.sleep(0.01)  # polling until it blocks on the lock
+        release.set()
+        for thread in threads:
+            thread.join(60)
+    assert (results["first"].built, results["second"].built) == (True, False)
+    assert results["second"].value == b"compiled code"
+    assert second_build.builds == 0
