@@ -223,16 +223,7 @@ class BackgroundCompile:
             log.info("model_compile_abandoned", reason="the server is shutting down")
             return
         # Everything is in the cache now: load it here, building nothing.
-        graphs = load_graphs(
-            forward_pass.module,
-            cache=cache,
-            shapes=shapes,
-            key=keys.__getitem__,
-            example=plan.example,
-            precision=forward_pass.precision,
-            device=forward_pass.device,
-            allow_build=False,
-        )
+        graphs = plan.load(cache, allow_build=False)
         if graphs is None:
             raise RuntimeError("the build ended, but some compiled graph is not in the cache")
         # One swap: a pass in flight finishes on the eager model, the next runs compiled.

@@ -164,9 +164,24 @@ class GraphPlan:
     """The graphs a runner needs: each shape with how many threads may run it at once, each
     shape's cache key, and an example batch of a size."""
 
+    forward_pass: ForwardPass
     shapes: list[tuple[GraphShape, int]]
     key: Callable[[GraphShape], dict[str, str]]
     example: Callable[[int], torch.Tensor]
+
+    def load(self, cache: CompileCache, *, allow_build: bool) -> CompiledGraphs | None:
+        """Every graph, loaded from ``cache`` or (``allow_build``) built into it first."""
+        forward_pass = self.forward_pass
+        return load_graphs(
+            forward_pass.module,
+            cache=cache,
+            shapes=self.shapes,
+            key=self.key,
+            example=self.example,
+            precision=forward_pass.precision,
+            device=forward_pass.device,
+            allow_build=allow_build,
+        )
 
 
 def graph_plan(
@@ -201,7 +216,7 @@ def graph_plan(
         batch = torch.zeros(size, 3, input_size, input_size, device=device)
         return batch.contiguous(memory_format=forward_pass.memory_format)
 
-    return GraphPlan(shapes=shapes, key=key, example=example)
+    return GraphPlan(forward_pass=forward_pass, shapes=shapes, key=key, example=example)
 
 
 def _compiled_graphs(
@@ -217,16 +232,7 @@ def _compiled_graphs(
         return None, "model.compile is auto on a CPU and there is no cache to load from"
     plan = graph_plan(runner, settings, batching)
     with _cache(settings) as cache:
-        graphs = load_graphs(
-            forward_pass.module,
-            cache=cache,
-            shapes=plan.shapes,
-            key=plan.key,
-            example=plan.example,
-            precision=forward_pass.precision,
-            device=device,
-            allow_build=allow_build,
-        )
+        graphs = plan.load(cache, allow_build=allow_build)
     if graphs is None:
         return None, (
             "model.compile is auto on a CPU and the cache lacks some shape: a server builds "
