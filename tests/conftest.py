@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -125,3 +127,12 @@ async def saturate(
         await asyncio.sleep(0.01)
     assert batcher.queue_size == 1
     return client, spy, [running, queued]
+
+
+@contextlib.contextmanager
+def taken_port() -> Iterator[int]:
+    """A loopback port something else listens on, for as long as the block runs."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from batching_server import __version__
+from tests.conftest import taken_port
 from tests.images import photo_bytes
 
 TIMEOUT_S = 60
@@ -509,10 +510,7 @@ def test_metrics_port_serves_metrics_apart_from_the_api(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_an_address_that_cannot_be_bound_exits_2_naming_it_and_the_fix(tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         result = run_cli(
             tmp_path,
             "--host",
@@ -535,10 +533,7 @@ def test_an_address_that_cannot_be_bound_exits_2_naming_it_and_the_fix(tmp_path:
 
 @pytest.mark.slow
 def test_a_grpc_port_in_use_exits_2_naming_it_and_the_fix(tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         result = run_cli(
             tmp_path,
             "--host",

@@ -7,7 +7,6 @@ import contextlib
 import io
 import json
 import logging
-import socket
 import struct
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -31,7 +30,7 @@ from batching_server.http.appkeys import READINESS
 from batching_server.models import RESNET50, ModelRunner
 from batching_server.observability.logs import configure_logging
 from batching_server.preprocess import Preprocessor
-from tests.conftest import AppClient, make_settings, saturate
+from tests.conftest import AppClient, make_settings, saturate, taken_port
 from tests.fakes import SpyRunner
 from tests.images import photo_bytes
 from tests.metrics_text import scrape, value
@@ -418,10 +417,7 @@ async def test_the_drain_answers_calls_in_flight_and_refuses_new_ones(
 
 
 async def test_a_grpc_port_in_use_fails_setup_naming_it(classifier: ModelRunner) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         app = create_app(make_settings(), runner=classifier)
         add_grpc_server(app, port=port)
         runner = web.AppRunner(app)

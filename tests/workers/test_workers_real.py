@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from batching_server.grpc.proto import grpc_predict_v2_pb2 as pb
 from batching_server.grpc.proto import grpc_predict_v2_pb2_grpc as services
+from tests.conftest import taken_port
 from tests.images import photo_bytes
 from tests.test_cli import (
     TIMEOUT_S,
@@ -242,10 +243,7 @@ def test_one_worker_runs_the_single_process_server(tmp_path: Path) -> None:
 
 
 def test_a_port_in_use_exits_2_before_any_worker_starts(tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         result = run_cli(tmp_path, "--port", str(port), SERVER__WORKERS="2", **SMALL)
     assert result.returncode == 2
     events = json_lines(result.stdout)
@@ -289,10 +287,7 @@ def test_both_workers_serve_grpc_on_the_port_the_supervisor_reserved(tmp_path: P
 
 
 def test_a_grpc_port_in_use_exits_2_naming_the_grpc_setting(tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         result = run_cli(
             tmp_path, "--port", "0", SERVER__WORKERS="2", OIP__GRPC_PORT=str(port), **SMALL
         )
