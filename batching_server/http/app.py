@@ -40,6 +40,7 @@ from ..models.threads import (
     MODEL_NICENESS,
     available_cores,
     configure_worker_thread,
+    run_in_passing_thread,
 )
 from ..models.torchvision_spec import torchvision_classifier
 from ..observability.logs import configure_logging
@@ -252,7 +253,7 @@ def _model_ctx(
         if injected is not None:
             runner = injected
         else:
-            runner = await asyncio.to_thread(
+            runner = await run_in_passing_thread(
                 load_runner,
                 settings.model,
                 batching=settings.batching,
@@ -315,7 +316,7 @@ async def _warm_up(app: web.Application, runner: ModelRunner, *, compile: bool) 
         # After the port opens, so /health answers while a first start compiles (minutes).
         readiness.mark_not_ready("compiling the model")
         try:
-            await asyncio.to_thread(
+            await run_in_passing_thread(
                 compile_runner, runner, settings.model, batching=settings.batching
             )
             build_later = True  # if graphs are missing and auto leaves them for later

@@ -233,13 +233,12 @@ class ModelRunner:
         if self._solo_executor is not None and 1 in sizes:
             passes.append((self._solo_executor, 1, self.threads.solo_threads))
         for executor, size, threads in passes:
-            dummy = torch.zeros(size, 3, self.input_size, self.input_size)
             # Counted as busy like a batch's pass: a warm-up pass that hangs must be
             # abandoned by close(), not waited for.
             with self._busy_lock:
                 self._busy += 1
             try:
-                future = executor.submit(functools.partial(self.forward, dummy, threads=threads))
+                future = executor.submit(self._warm_up_pass, size, threads)
             except BaseException:
                 self._pass_ended()
                 raise
@@ -250,6 +249,12 @@ class ModelRunner:
             await asyncio.wrap_future(self._executor.submit(self._warm_up_device_preprocessor))
             self._device_warmed = True
         return time.perf_counter() - started
+
+    def _warm_up_pass(self, size: int, threads: int | None) -> None:
+        # The zeros are made here, in the model thread: filling them is a parallel region,
+        # and the event loop's thread must never start an OpenMP team of its own
+        # (run_in_passing_thread says why).
+        self.forward(torch.zeros(size, 3, self.input_size, self.input_size), threads=threads)
 
     def _warm_up_device_preprocessor(self) -> None:
         if self.device_preprocessor is not None:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 import os
 import sys
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 import structlog
 import torch
@@ -19,10 +25,14 @@ __all__ = [
     "configure_worker_thread",
     "lower_thread_priority",
     "plan_threads",
+    "run_in_passing_thread",
     "thread_niceness",
 ]
 
 log = structlog.get_logger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 # Added to the decode and model threads' nice values (server.low_priority_workers), so the
 # event loop gets a core as soon as a request or a result is ready rather than waiting behind
@@ -104,3 +114,22 @@ def lower_thread_priority(niceness: int) -> None:
         os.setpriority(os.PRIO_PROCESS, _thread_id(), min(19, thread_niceness() + niceness))
     except OSError as exc:
         log.warning("worker_niceness_not_applied", niceness=niceness, error=str(exc))
+
+
+async def run_in_passing_thread(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+    """``asyncio.to_thread``, in a thread of its own that ends with the call.
+
+    For torch work outside the model threads (loading, compiling). OpenMP (libgomp) keeps a
+    team of worker threads for every thread that ever ran a parallel region, for as long as
+    that thread lives; once a process's OpenMP threads outnumber its cores, every team's
+    workers stop spinning at barriers and sleep, and a forward pass crosses hundreds of
+    barriers, each then a wake-up. A thread that ends takes its team with it, leaving the
+    model threads' teams the only ones.
+    """
+    loop = asyncio.get_running_loop()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="passing")
+    call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+    try:
+        return await loop.run_in_executor(executor, call)
+    finally:
+        executor.shutdown(wait=False)  # its thread ends once the call returns

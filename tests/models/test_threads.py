@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from torchvision.models import resnet50
 
 from batching_server.http.app import create_app
 from batching_server.http.appkeys import BATCHER, DECODE_POOL, RUNNER
@@ -181,3 +183,88 @@ def test_a_worker_threads_count_survives_another_thread_setting_its_own() -> Non
             assert result.result(timeout=30) == 1
         finally:
             torch.set_num_threads(previous)
+
+
+# Run in a fresh interpreter: the test session's own threads (pytest's, the shared
+# classifier's) already hold OpenMP teams of their own.
+_OPENMP_TEAMS_SCRIPT = """
+import asyncio, os, sys, time
+
+import numpy, torch  # their own native threads, if any, start here: before the baseline
+from aiohttp.test_utils import TestClient, TestServer
+
+from batching_server.http.app import create_app
+from batching_server.http.appkeys import READINESS
+from tests.conftest import make_settings
+from tests.images import photo_bytes
+
+
+def openmp_workers():
+    # Threads blocked in libgomp: the idle workers of OpenMP teams (a busy one spins).
+    libgomp = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "libgomp" in line:
+                start, end = line.split()[0].split("-")
+                libgomp.append((int(start, 16), int(end, 16)))
+    workers = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/syscall") as syscall:
+                fields = syscall.read().split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        if fields[0] != "running":  # the last field is the thread's user-space PC
+            pc = int(fields[-1], 16)
+            if any(start <= pc < end for start, end in libgomp):
+                workers.add(int(tid))
+    return workers
+
+
+async def main():
+    baseline = openmp_workers()
+    settings = make_settings(
+        model={"warmup": True, "num_threads": 2, "weights": sys.argv[1]},
+        batching={"max_batch_size": 2},
+    )
+    async with TestClient(TestServer(create_app(settings))) as client:
+        await asyncio.wait_for(client.app[READINESS].wait_ready(), 120)
+        response = await client.post("/predict", data={"file": photo_bytes()})
+        assert response.status == 200, await response.text()
+        # A thread that ended takes its team with it, but its workers end a moment later;
+        # and a worker spins a moment after each parallel region before it blocks.
+        deadline = time.monotonic() + 30
+        while True:
+            workers = openmp_workers() - baseline
+            if len(workers) == 1 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        print(len(workers))
+
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs an OpenMP team of two")
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["random", "checkpoint"])
+def test_only_the_model_threads_keep_openmp_teams(checkpoint: bool, tmp_path: Path) -> None:
+    # libgomp keeps a team for every thread that ran a parallel region, and once the
+    # process's OpenMP threads outnumber the cores, every team's workers sleep at each
+    # barrier: a forward pass then pays hundreds of wake-ups. Loading the model (copying a
+    # checkpoint's tensors is a parallel region), warming it up and serving must leave only
+    # the one model thread's team: its one extra worker.
+    weights = "random"
+    if checkpoint:
+        weights = str(tmp_path / "resnet50.pt")
+        torch.save(resnet50(weights=None).state_dict(), weights)
+    result = subprocess.run(
+        [sys.executable, "-c", _OPENMP_TEAMS_SCRIPT, weights],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=Path(__file__).parents[2],
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == "1", result.stdout
