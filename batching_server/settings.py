@@ -499,10 +499,15 @@ class ModelSettings:
     )
     precision: str = _setting(
         "auto",
-        _choice("auto", "fp32", "bf16", "fp16"),
-        "Autocast precision; the weights stay fp32",
+        _choice("auto", "fp32", "bf16", "fp16", "int8"),
+        "Autocast precision (the weights stay fp32), or int8",
         """`auto` picks bf16 on CPUs with AMX or AVX512-BF16, fp16 on CUDA and fp32 otherwise, and
-        logs the choice and why.""",
+        logs the choice and why. `int8` (x86 CPUs only, opt-in) quantizes the network
+        statically: weights per channel, activations with ranges observed on photos bundled
+        with the server (PT2E with torchao's X86 quantizer), then compiled; it needs
+        `model.compile`, and always compiles before the server is ready. Its answers differ
+        from fp32's: check top-1 accuracy with your weights on your data before serving it
+        (docs/performance.md has the measured speed and agreement).""",
     )
     channels_last: bool = _setting(
         True,
@@ -909,6 +914,20 @@ def _weights_fit_the_model(settings: Settings) -> str | None:
     )
 
 
+def _int8_runs_compiled_on_a_cpu(settings: Settings) -> str | None:
+    model = settings.model
+    if model.precision != "int8":
+        return None
+    if model.device == "cuda":
+        return "model.precision 'int8' runs on x86 CPUs only; model.device is 'cuda'"
+    if model.compile == "false":
+        return (
+            "model.precision 'int8' runs only as compiled graphs; set model.compile to "
+            "'auto' or 'true'"
+        )
+    return None
+
+
 # In the order their problems are reported.
 CROSS_KEY_RULES = (
     CrossKeyRule(
@@ -916,6 +935,12 @@ CROSS_KEY_RULES = (
         "Named `model.weights` must be one of `model.name`'s own torchvision weights "
         "(`DEFAULT` always is).",
         _weights_fit_the_model,
+    ),
+    CrossKeyRule(
+        frozenset({"model.precision", "model.device", "model.compile"}),
+        '`model.precision = "int8"` needs `model.compile` (`auto` or `true`) and a CPU: its '
+        "int8 kernels exist only in the compiled graphs, for x86.",
+        _int8_runs_compiled_on_a_cpu,
     ),
     CrossKeyRule(
         frozenset({"batching.max_queue_size", "batching.max_batch_size"}),

@@ -233,6 +233,17 @@ def test_section_that_is_not_a_table() -> None:
             id="warmup-of-256-shapes",
         ),
         pytest.param(
+            {"model": {"precision": "int8", "compile": "false"}},
+            "model.precision 'int8' runs only as compiled graphs; set model.compile to "
+            "'auto' or 'true'",
+            id="int8-eager",
+        ),
+        pytest.param(
+            {"model": {"precision": "int8", "device": "cuda"}},
+            "model.precision 'int8' runs on x86 CPUs only; model.device is 'cuda'",
+            id="int8-on-a-gpu",
+        ),
+        pytest.param(
             {"batching": {"max_wait_ms": 2000, "request_timeout_s": 2}},
             "batching.max_wait_ms (2000) must be below batching.request_timeout_s (2 s)",
             id="wait-past-the-deadline",

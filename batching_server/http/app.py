@@ -322,7 +322,8 @@ async def _warm_up(app: web.Application, runner: ModelRunner, *, compile: bool) 
             build_later = True  # if graphs are missing and auto leaves them for later
         except Exception as exc:
             log.exception("compile_failed")
-            if settings.model.compile == "true":
+            # int8 has no eager model to fall back on (its answers are not fp32's).
+            if settings.model.compile == "true" or settings.model.precision == "int8":
                 readiness.mark_failed(f"compiling the model failed: {type(exc).__name__}")
                 return
             # auto: the eager model serves the same answers, only slower.

@@ -18,6 +18,7 @@ import hashlib
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
@@ -155,7 +156,12 @@ def build_package(
         # Freezing folds batch norm into the convolutions and pre-packs weights for oneDNN
         # (the weights are then in the package: hence the weights in the key). Inductor
         # freezes only with gradients off at compile time; with them on it quietly did not.
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # Inductor's own int8 weight lowering copy-constructs a tensor (its warning,
+            # not ours to fix; warnings are errors under the tests).
+            warnings.filterwarnings(
+                "ignore", message="To copy construct from a tensor", category=UserWarning
+            )
             aoti_compile_and_package(
                 program,
                 package_path=str(path),
@@ -302,12 +308,15 @@ def load_graphs(
     device: torch.device,
     allow_build: bool = True,
     load: Callable[[Path], Graph] | None = None,
+    build_from: Callable[[], nn.Module] | None = None,
 ) -> CompiledGraphs | None:
     """Every shape's graph, loaded from ``cache`` or built into it (progress in the logs).
 
     ``shapes`` pairs each shape with how many threads may run it at once. None when
     ``allow_build`` is false and some entry is missing or unusable. ``load`` replaces
-    ``load_package`` (a process that only builds need not load).
+    ``load_package`` (a process that only builds need not load). ``build_from`` gives the
+    network to export when it is not ``module`` itself (int8: its quantized form, made only
+    when a graph must be built); ``module`` runs the shapes nobody compiled.
     """
     graphs: dict[GraphShape, Graph] = {}
     planned = sorted(shapes)
@@ -324,7 +333,7 @@ def load_graphs(
                 threads=shape.threads,
             )
             build_package(
-                module,
+                build_from() if build_from is not None else module,
                 example(shape.batch_size),
                 precision=precision,
                 device=device,

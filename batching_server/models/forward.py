@@ -47,8 +47,17 @@ class ForwardPass:
         self.module = (
             module.eval().requires_grad_(False).to(device).to(memory_format=self.memory_format)
         )
+        # What runs eagerly and what compiled graphs are built from: the module, or its
+        # int8 form (run_quantized).
+        self.network: nn.Module = self.module
         self._run: Callable[[torch.Tensor], torch.Tensor] = self.module
         self._local = threading.local()
+
+    def run_quantized(self, network: nn.Module) -> None:
+        """Run and compile ``network``, the module's quantized form, instead of the module."""
+        self.network = network
+        if not self.compiled:
+            self._run = network
 
     def use_compiled(self, graphs: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Run ``graphs`` (compiled ahead of time for this network) instead of the module."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from .device_preprocess import (
     memory_pixel_budget,
 )
 from .forward import ForwardPass
+from .quantize import LazyQuantized, quantization_identity
 from .runner import ModelRunner, solo_pass_pays
 from .spec import ModelSpec
 from .threads import available_cores, plan_threads
@@ -45,6 +47,9 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
+
+# Where torchao's X86 quantizer and oneDNN's int8 kernels run.
+_X86 = frozenset({"x86_64", "AMD64", "i686"})
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -147,7 +152,9 @@ def _builds_first(settings: ModelSettings, device: torch.device) -> bool:
     # auto compiles on a GPU (seconds a shape); on a CPU a first compile takes minutes a
     # shape, so auto only loads what `batching-server compile` (or an earlier start) built,
     # and a server builds the rest in the background (builds_in_background).
-    return settings.compile == "true" or device.type == "cuda"
+    # int8 runs fast only compiled, and its answers are not the eager fp32 model's: it never
+    # serves before its graphs are there.
+    return settings.compile == "true" or device.type == "cuda" or settings.precision == "int8"
 
 
 def builds_in_background(settings: ModelSettings, device: torch.device) -> bool:
@@ -172,8 +179,9 @@ class GraphPlan:
     def load(self, cache: CompileCache, *, allow_build: bool) -> CompiledGraphs | None:
         """Every graph, loaded from ``cache`` or (``allow_build``) built into it first."""
         forward_pass = self.forward_pass
+        network = forward_pass.network
         return load_graphs(
-            forward_pass.module,
+            network,
             cache=cache,
             shapes=self.shapes,
             key=self.key,
@@ -181,6 +189,7 @@ class GraphPlan:
             precision=forward_pass.precision,
             device=forward_pass.device,
             allow_build=allow_build,
+            build_from=network.quantized if isinstance(network, LazyQuantized) else None,
         )
 
 
@@ -201,15 +210,24 @@ def graph_plan(
     hardware = device_identity(device)
     input_size = runner.input_size
 
+    # int8 graphs depend on the quantizer and the calibration photos too (only theirs: the
+    # float graphs' keys stay as they were).
+    quantization = (
+        {"quantization": quantization_identity()} if forward_pass.precision == "int8" else {}
+    )
+
     def key(shape: GraphShape) -> dict[str, str]:
-        return graph_key(
-            model=runner.name,
-            weights=weights,
-            precision=forward_pass.precision,
-            channels_last=forward_pass.channels_last,
-            input_size=input_size,
-            shape=shape,
-            device=hardware,
+        return (
+            graph_key(
+                model=runner.name,
+                weights=weights,
+                precision=forward_pass.precision,
+                channels_last=forward_pass.channels_last,
+                input_size=input_size,
+                shape=shape,
+                device=hardware,
+            )
+            | quantization
         )
 
     def example(size: int) -> torch.Tensor:
@@ -261,6 +279,12 @@ def load_runner(
     limits = limits or LimitsSettings()
     device = resolve_device(settings.device)
     precision, why = choose_precision(settings.precision, device)
+    if precision == "int8" and (device.type != "cpu" or platform.machine() not in _X86):
+        raise ModelLoadError(
+            f"model.precision is 'int8', which runs on x86 CPUs only; this model would run "
+            f"on {device.type} ({platform.machine()}). Fix: set model.device to 'cpu' on an "
+            "x86 machine, or choose another model.precision."
+        )
     if device.type == "cpu" and precision == "fp16":
         log.warning("slow_precision", precision=precision, reason="fp16 on CPU is emulated")
     threads = plan_threads(
@@ -279,6 +303,14 @@ def load_runner(
         channels_last=settings.channels_last,
         batch_sizes=batching.batch_sizes,
     )
+    if precision == "int8":
+        forward_pass.run_quantized(
+            LazyQuantized(
+                forward_pass.module,
+                transform=spec.transform(settings.weights),
+                memory_format=forward_pass.memory_format,
+            )
+        )
     runner = ModelRunner(
         name=spec.name,
         labels=spec.labels,

@@ -260,9 +260,9 @@ def compiled_gauge(app: Any) -> float:
     return float(value)
 
 
-async def ready_app(aiohttp_client: Any, settings: Settings) -> Any:
+async def ready_app(aiohttp_client: Any, settings: Settings, *, spec: Any = None) -> Any:
     """The app as a start makes it (it loads the model itself), once ready or failed."""
-    app = create_app(settings, spec=TinySpec())
+    app = create_app(settings, spec=spec or TinySpec())
     await aiohttp_client(app)
     readiness = app[READINESS]
     waits = {
