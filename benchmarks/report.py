@@ -522,6 +522,7 @@ def _load_gpu(name: str, data: Json) -> str:
 _PEER_LABELS = {
     "ours": "this server, defaults (compiled graphs, from the cache)",
     "ours-eager": "this server, eager (`model.compile = false`)",
+    "ours-int8": 'this server, opt-in int8 (`model.precision = "int8"`, compiled)',
     "ours-compiled": "this server, `compile = true`, batches padded to 1/2/4/8",
     "litserve": "LitServe 0.2.19, eager",
     "litserve-compiled": "LitServe 0.2.19, `torch.compile`, batches padded to 1/2/4/8",

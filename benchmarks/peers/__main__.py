@@ -50,7 +50,9 @@ REQUIREMENTS = ("litserve==0.2.19", "fastapi>=0.112", "uvicorn>=0.29", "python-m
 # The defaults compile in the background on a first start; the run measures what serves from
 # then on: the compiled graphs, which it builds first (`batching-server compile`).
 OURS_EAGER = {"BATCHING_SERVER_MODEL__COMPILE": "false"}
-SERVERS = ("ours", "ours-eager", "litserve", "litserve-compiled", "naive-fastapi")
+# Opt-in: int8 graphs (built before the server is ready, so built first here too).
+OURS_INT8 = {"BATCHING_SERVER_MODEL__PRECISION": "int8"}
+SERVERS = ("ours", "ours-eager", "ours-int8", "litserve", "litserve-compiled", "naive-fastapi")
 SETTLE_S = 1.0
 READY_TIMEOUT_S = 1800  # compiling every shape on a small CPU takes minutes
 
@@ -92,6 +94,8 @@ def _command(name: str, python: Path, port: int) -> tuple[list[str], dict[str, s
     if name.startswith("ours"):
         if name == "ours-eager":
             env.update(OURS_EAGER)
+        if name == "ours-int8":
+            env.update(OURS_INT8)
         return [
             sys.executable,
             "-m",
@@ -188,9 +192,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     processes: dict[str, subprocess.Popen[bytes]] = {}
     urls: dict[str, str] = {}
     try:
-        if "ours" in args.servers:
-            print("building this server's compiled graphs (once: later runs load them)...")
-            command, env = _command("ours", python, 0)
+        for compiled in ("ours", "ours-int8"):
+            if compiled not in args.servers:
+                continue
+            print(f"building {compiled}'s compiled graphs (once: later runs load them)...")
+            command, env = _command(compiled, python, 0)
             await asyncio.to_thread(
                 subprocess.run, [*command[:3], "compile"], cwd=ROOT, env=env, check=True
             )
