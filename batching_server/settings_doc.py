@@ -51,6 +51,7 @@ README_KEYS = (
     "model.weights",
     "model.device",
     "model.compile",
+    "model.precision",
     "batching.max_batch_size",
     "batching.max_wait_ms",
     "batching.max_queue_size",

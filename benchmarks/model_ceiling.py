@@ -61,6 +61,7 @@ VARIANTS: dict[str, Variant] = {
         Variant("fp32-cl-compile", "fp32", channels_last=True, compile=True),
         Variant("fp16-cl", "fp16", channels_last=True, compile=False),
         Variant("fp16-cl-compile", "fp16", channels_last=True, compile=True),
+        Variant("int8-cl-compile", "int8", channels_last=True, compile=True),
     )
 }
 CPU_DEFAULT = ("fp32-nchw", "fp32-cl", "bf16-cl", "bf16-cl-compile", "fp32-cl-compile")
@@ -80,6 +81,8 @@ def unavailable_reason(variant: Variant, device: str) -> str | None:
         if variant.precision == "bf16" and not torch.cuda.is_bf16_supported():
             return "this GPU has no native bf16"
         return None
+    if variant.precision == "int8" and device != "cpu":
+        return "int8 runs on x86 CPUs only"
     if variant.precision == "fp16":
         return "fp16 on CPU is emulated (fp16 variants are for CUDA)"
     if variant.precision == "bf16" and not {"amx_bf16", "avx512_bf16"} & cpu_flags():

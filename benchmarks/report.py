@@ -57,6 +57,7 @@ BENCHMARK_FILES = (
     "peers.json",
     "workers.json",
     "startup.json",
+    "int8.json",
 )
 REJECTED_FILE = "rejected.json"
 REQUIRED_PROVENANCE = ("command", "commit", "date", "machine")
@@ -581,6 +582,42 @@ def _workers(name: str, data: Json) -> str:
     return _section("Worker processes: `benchmarks.workers`", intro, name, data, table)
 
 
+def _int8(name: str, data: Json) -> str:
+    threads = data["threads"]
+    intro = (
+        'The opt-in `model.precision = "int8"` against fp32, both as compiled graphs from '
+        f"the compile cache, the model alone on {threads} thread{'s' if threads != 1 else ''} "
+        f"(no HTTP), in {data['rounds']} alternating rounds: medians of the rounds' images/s. "
+        "Agreement counts images whose top class is the same in both, each run alone; the "
+        "held-out pictures are scikit-image's that calibration never saw. The weights were "
+        "the seeded random ones: agreement here says nothing about accuracy, which must be "
+        "measured with the real weights on labelled data before int8 serves."
+    )
+    rows = [
+        [
+            _fmt(row["batch_size"], "d"),
+            _fmt(row["fp32_images_per_s"], ".1f"),
+            _fmt(row["int8_images_per_s"], ".1f"),
+            f"{row['speedup']:.2f}{TIMES}",
+        ]
+        for row in data["rows"]
+    ]
+    speed = _table(["batch", "fp32 images/s", "int8 images/s", "int8 / fp32"], rows)
+    agree = _table(
+        ["pictures", "images", "same top-1", "top-5 overlap (of 5)"],
+        [
+            [
+                label,
+                _fmt(data["agreement"][key]["images"], "d"),
+                _fmt(data["agreement"][key]["top1_agree"], "d"),
+                _fmt(data["agreement"][key]["top5_overlap_mean"], ".2f"),
+            ]
+            for key, label in (("held_out", "held out"), ("calibration", "calibration set"))
+        ],
+    )
+    return _section("INT8 against fp32: `benchmarks.int8`", intro, name, data, speed, agree)
+
+
 def _startup(name: str, data: Json) -> str:
     intro = (
         "Seconds from spawning `python -m batching_server` (the defaults, ResNet-50) to each of "
@@ -652,6 +689,7 @@ def render_doc(results: Results) -> str:
         _peers("peers.json", results["peers.json"]),
         _workers("workers.json", results["workers.json"]),
         _startup("startup.json", results["startup.json"]),
+        _int8("int8.json", results["int8.json"]),
         _rejected(results[REJECTED_FILE]),
     ]
     return "\n\n".join(sections) + "\n"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
 import tempfile
 import threading
 import time
@@ -184,6 +185,7 @@ class _CpuContainer:
             libraries = [n for n in archive.namelist() if n.endswith(".so")]
             if len(libraries) != 1:
                 raise RuntimeError(f"expected one shared library in the package, found {libraries}")
+            _refuse_python_operators(archive)
             with tempfile.TemporaryDirectory(prefix="batching-server-aot-") as scratch:
                 library = Path(archive.extract(libraries[0], scratch))
                 # Once loaded, the mapping outlives the file.
@@ -231,6 +233,20 @@ class _CpuContainer:
         capsules: Any = [_new_capsule(output_array[i]) for i in range(self._outputs)]
         result: torch.Tensor = torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(capsules)[0]
         return result
+
+
+def _refuse_python_operators(archive: zipfile.ZipFile) -> None:
+    """Operators with no C kernel are called through a proxy executor, in Python, which only
+    torch's own loader provides: such a package would fail at its first forward pass."""
+    for name in archive.namelist():
+        if name.endswith(".wrapper.json"):
+            nodes = json.loads(archive.read(name)).get("nodes") or []
+            if nodes:
+                targets = sorted({str(node["node"]["target"]) for node in nodes})
+                raise RuntimeError(
+                    "the compiled graph calls operators through Python, which this loader "
+                    f"cannot: {', '.join(targets)}"
+                )
 
 
 _get_pointer = ctypes.pythonapi.PyCapsule_GetPointer

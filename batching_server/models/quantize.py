@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 CALIBRATION_PHOTOS = Path(__file__).with_name("calibration")
+# Names quantize_int8's choices (in the cache key): change it when they change.
+_RECIPE = "x86-static-maxpool-fp32"
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -49,7 +51,7 @@ def quantization_identity() -> str:
     for photo in _photos():
         digest.update(photo.name.encode())
         digest.update(photo.read_bytes())
-    return f"x86-static:torchao-{metadata.version('torchao')}:photos-{digest.hexdigest()[:16]}"
+    return f"{_RECIPE}:torchao-{metadata.version('torchao')}:photos-{digest.hexdigest()[:16]}"
 
 
 def calibration_batch(transform: Transform) -> torch.Tensor:
@@ -89,6 +91,9 @@ def quantize_int8(
     )
     quantizer = X86InductorQuantizer()
     quantizer.set_global(get_default_x86_inductor_quantization_config())
+    # Inductor lowers an int8 max-pool to a call through Python (its proxy executor), which
+    # the server's GIL-free package loader cannot make: max-pools stay fp32 (one in ResNet).
+    quantizer.set_module_type_qconfig(nn.MaxPool2d, None)
     prepared = prepare_pt2e(exported.module(), quantizer)
     with torch.no_grad():
         prepared(batch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from torch import nn
 from torchvision.transforms._presets import ImageClassification
 
 from batching_server.http.appkeys import READINESS, RUNNER
-from batching_server.models import loading
+from batching_server.models import aot, loading
 from batching_server.models.compile_cache import MANIFEST
 from batching_server.models.quantize import (
     CALIBRATION_PHOTOS,
@@ -38,6 +39,22 @@ class TinyPhotoSpec(TinySpec):
 
     def transform(self, weights: str) -> nn.Module:
         return ImageClassification(crop_size=INPUT, resize_size=INPUT + 2)
+
+    def build(self, weights: str, *, seed: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return nn.Sequential(
+                nn.Conv2d(3, 8, 3, padding=1),
+                nn.BatchNorm2d(8),
+                nn.ReLU(),
+                # As ResNet's stem has: int8, inductor would call it through Python.
+                nn.MaxPool2d(3, stride=2, padding=1),
+                nn.Conv2d(8, 8, 3, padding=1),
+                nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(8, 10),
+            )
 
 
 def quantize_ops(module: nn.Module) -> set[str]:
@@ -61,9 +78,21 @@ def test_calibration_is_every_bundled_photo_and_its_mirror_image() -> None:
     assert all(photo.name in SOURCES.read_text() for photo in photos)
 
 
+def test_a_package_that_calls_operators_through_python_is_refused(tmp_path: Path) -> None:
+    package = tmp_path / "model.pt2"
+    with zipfile.ZipFile(package, "w") as archive:
+        archive.writestr("model/data/aotinductor/model/x.wrapper.so", b"")
+        node = {"node": {"target": "quantized::max_pool2d"}}
+        archive.writestr(
+            "model/data/aotinductor/model/x.wrapper.json", json.dumps({"nodes": [node]})
+        )
+    with pytest.raises(RuntimeError, match=r"through Python.*quantized::max_pool2d"):
+        aot.load_package(package, device=torch.device("cpu"), concurrent=1)
+
+
 def test_the_quantization_identity_is_stable_and_names_its_inputs() -> None:
     identity = quantization_identity()
-    assert identity.startswith("x86-static:torchao-")
+    assert identity.startswith("x86-static-maxpool-fp32:torchao-")
     assert "photos-" in identity
     quantization_identity.cache_clear()
     assert quantization_identity() == identity
