@@ -63,16 +63,34 @@ def agreement(fp32: ModelRunner, int8: ModelRunner, pixels: torch.Tensor) -> dic
     """Top-1 agreement image by image (each a batch of one, as a lone request runs)."""
     same = 0
     top5_overlap = []
+    classes = set()
+    rows_fp32, rows_int8 = [], []
     for image in pixels:
         a = fp32.forward(image[None])[0]
         b = int8.forward(image[None])[0]
+        rows_fp32.append(a)
+        rows_int8.append(b)
         same += int(a.argmax() == b.argmax())
+        classes.add(int(a.argmax()))
         top5_overlap.append(len(set(a.topk(5).indices.tolist()) & set(b.topk(5).indices.tolist())))
     return {
         "images": len(pixels),
         "top1_agree": same,
+        # Random weights may give most pictures one class, which makes agreement cheap.
+        "fp32_distinct_top1": len(classes),
         "top5_overlap_mean": round(statistics.fmean(top5_overlap), 2),
+        "image_signal_to_noise_db": round(_image_snr_db(rows_fp32, rows_int8), 1),
     }
+
+
+def _image_snr_db(fp32: list[torch.Tensor], int8: list[torch.Tensor]) -> float:
+    """How far fp32's answers differ between images, against how far int8's differ from
+    fp32's, in dB: where it is high, int8 keeps what tells the images apart (a check that
+    random weights, which answer nearly alike for every image, still allow)."""
+    a, b = torch.stack(fp32).double(), torch.stack(int8).double()
+    signal = (a - a.mean(dim=0)).pow(2).sum()
+    noise = (b - a).pow(2).sum()
+    return float(10 * torch.log10(signal / noise))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = sorted({int(s) for s in args.batch_sizes.split(",")})
     threads = args.threads or available_cores()
-    configure_logging(level="warning", fmt="console")
+    configure_logging(level="WARNING", fmt="text", stream=sys.stderr)
     torch.set_num_threads(threads)
     runners = {v: build_classifier(v, sizes, device="cpu", threads=threads) for v in VARIANTS}
     try:
