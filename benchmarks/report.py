@@ -722,6 +722,7 @@ def render_headline(results: Results) -> str:
     ratio = targets["throughput c=32 vs seed-style"]["measured"]
     bound = targets["throughput c=32 vs pipeline bound"]["measured"]
     peers = {(r["server"], r["point"]): r["throughput"] for r in results["peers.json"]["summary"]}
+    p50 = {(r["server"], r["point"]): r["p50_ms"] for r in results["peers.json"]["summary"]}
     c1 = next(r for r in results["load.json"]["results"] if r.get("concurrency") == 1)
     best = results["model_ceiling.json"]["best"]
     soak = results["soak.json"]["summary"]
@@ -746,6 +747,23 @@ def render_headline(results: Results) -> str:
             f"({_machine_tag(results['peers.json'])})",
             f"{peers[('ours', 'c32')] / peers[('litserve-compiled', 'c32')]:.2f}{TIMES}",
         ],
+        [
+            "this server (defaults) / LitServe (`torch.compile`) p50 at concurrency 1 "
+            f"({_machine_tag(results['peers.json'])})",
+            f"{p50[('ours', 'c1')] / p50[('litserve-compiled', 'c1')]:.2f}{TIMES}",
+        ],
+        *(
+            [
+                [
+                    "this server (opt-in int8) / LitServe (`torch.compile`) throughput at "
+                    f"concurrency 32 ({_machine_tag(results['peers.json'])})",
+                    f"{peers[('ours-int8', 'c32')] / peers[('litserve-compiled', 'c32')]:.2f}"
+                    f"{TIMES}",
+                ]
+            ]
+            if ("ours-int8", "c32") in peers
+            else []
+        ),
         [
             f"p50 latency at concurrency 1 (tuned, {_machine_tag(results['load.json'])})",
             f"{c1['p50_ms']:.0f} ms",
