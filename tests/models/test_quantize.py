@@ -41,20 +41,16 @@ class TinyPhotoSpec(TinySpec):
         return ImageClassification(crop_size=INPUT, resize_size=INPUT + 2)
 
     def build(self, weights: str, *, seed: int) -> nn.Module:
+        stem = super().build(weights, seed=seed)  # conv, batch norm, ReLU, pool, flatten, linear
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return nn.Sequential(
-                nn.Conv2d(3, 8, 3, padding=1),
-                nn.BatchNorm2d(8),
-                nn.ReLU(),
-                # As ResNet's stem has: int8, inductor would call it through Python.
+            torch.manual_seed(seed + 1)
+            # A max-pool, as ResNet's stem has: int8, inductor would call it through Python.
+            middle = [
                 nn.MaxPool2d(3, stride=2, padding=1),
                 nn.Conv2d(8, 8, 3, padding=1),
                 nn.ReLU(),
-                nn.AdaptiveAvgPool2d(1),
-                nn.Flatten(),
-                nn.Linear(8, 10),
-            )
+            ]
+        return nn.Sequential(*stem[:3], *middle, *stem[3:])
 
 
 def quantize_ops(module: nn.Module) -> set[str]:
