@@ -32,7 +32,7 @@ from ..core.readiness import ExitCode, Readiness
 from ..core.shapes import warmup_sizes
 from ..core.watchdog import PassTimer, StallWatchdog
 from ..models.background_compile import BackgroundCompile
-from ..models.loading import compile_runner, load_runner
+from ..models.loading import compile_runner, compiled_or_failed, load_runner
 from ..models.runner import ModelRunner
 from ..models.spec import ModelSpec
 from ..models.threads import (
@@ -322,8 +322,7 @@ async def _warm_up(app: web.Application, runner: ModelRunner, *, compile: bool) 
             build_later = True  # if graphs are missing and auto leaves them for later
         except Exception as exc:
             log.exception("compile_failed")
-            # int8 has no eager model to fall back on (its answers are not fp32's).
-            if settings.model.compile == "true" or settings.model.precision == "int8":
+            if compiled_or_failed(settings.model):
                 readiness.mark_failed(f"compiling the model failed: {type(exc).__name__}")
                 return
             # auto: the eager model serves the same answers, only slower.

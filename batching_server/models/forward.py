@@ -54,10 +54,9 @@ class ForwardPass:
         self._local = threading.local()
 
     def run_quantized(self, network: nn.Module) -> None:
-        """Run and compile ``network``, the module's quantized form, instead of the module."""
-        self.network = network
-        if not self.compiled:
-            self._run = network
+        """Run and compile ``network``, the module's quantized form, instead of the module
+        (before any compiled graphs are in use)."""
+        self.network = self._run = network
 
     def use_compiled(self, graphs: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Run ``graphs`` (compiled ahead of time for this network) instead of the module."""

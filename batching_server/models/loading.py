@@ -40,6 +40,7 @@ __all__ = [
     "builds_in_background",
     "cache_root",
     "compile_runner",
+    "compiled_or_failed",
     "device_preprocessor",
     "graph_plan",
     "load_runner",
@@ -152,9 +153,14 @@ def _builds_first(settings: ModelSettings, device: torch.device) -> bool:
     # auto compiles on a GPU (seconds a shape); on a CPU a first compile takes minutes a
     # shape, so auto only loads what `batching-server compile` (or an earlier start) built,
     # and a server builds the rest in the background (builds_in_background).
-    # int8 runs fast only compiled, and its answers are not the eager fp32 model's: it never
-    # serves before its graphs are there.
-    return settings.compile == "true" or device.type == "cuda" or settings.precision == "int8"
+    return compiled_or_failed(settings) or device.type == "cuda"
+
+
+def compiled_or_failed(settings: ModelSettings) -> bool:
+    """Whether the server must run compiled graphs, built before it is ready, and fail its
+    start when they cannot be built: ``true`` asks for it, and int8 has no eager model with
+    its answers to serve meanwhile (its eager form is fp32)."""
+    return settings.compile == "true" or settings.precision == "int8"
 
 
 def builds_in_background(settings: ModelSettings, device: torch.device) -> bool:
