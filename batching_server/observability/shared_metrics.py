@@ -17,6 +17,7 @@ counts), ``gauge_livesum_<id>.db`` and ``gauge_liveall_<id>.db`` with the worker
 
 from __future__ import annotations
 
+import bisect
 import glob
 import json
 import os
@@ -177,18 +178,26 @@ class SharedHistogram(Histogram):
         self._les = [_go_float(bound) for bound in self._bounds]
         self._bucket_keys = _Keys(name, f"{name}_bucket", doc)
         self._sum_keys = _Keys(name, f"{name}_sum", doc)
+        self._series: dict[tuple[tuple[str, object], ...], tuple[list[str], str]] = {}
 
     def add(self, labels: LabelsType, value: NumericValueType) -> None:
-        first = labels not in self.values
         super().add(labels, value)
         value = _number(value)
-        if first:  # every bucket of a new series shows, at zero if need be, as a scraper expects
-            for le in self._les:
-                self._files.add("histogram", self._bucket_keys({**labels, "le": le}), 0)
-        index = next(i for i, bound in enumerate(self._bounds) if value <= bound)
-        bucket = {**labels, "le": self._les[index]}
-        self._files.add("histogram", self._bucket_keys(bucket), 1)
-        self._files.add("histogram", self._sum_keys(labels), value)
+        buckets, sum_key = self._series_keys(labels)
+        self._files.add("histogram", buckets[bisect.bisect_left(self._bounds, value)], 1)
+        self._files.add("histogram", sum_key, value)
+
+    def _series_keys(self, labels: LabelsType) -> tuple[list[str], str]:
+        # Per image, on the event loop: a series' bucket and sum keys are made once.
+        identity = tuple(sorted(labels.items()))
+        keys = self._series.get(identity)
+        if keys is None:
+            buckets = [self._bucket_keys({**labels, "le": le}) for le in self._les]
+            # Every bucket of a new series shows, at zero if need be, as a scraper expects.
+            for key in buckets:
+                self._files.add("histogram", key, 0)
+            keys = self._series[identity] = (buckets, self._sum_keys(labels))
+        return keys
 
     observe = add
 
