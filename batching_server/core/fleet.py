@@ -22,10 +22,9 @@ class FleetState:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerRole:
-    """One worker process among ``count``: it answers for itself, the fleet answers ``/ready``."""
+    """One worker process among several: it answers for itself, the fleet answers ``/ready``."""
 
     index: int
-    count: int
     # Where every worker writes its metric values as they change, and any worker reads them
     # all to answer a scrape (observability.shared_metrics).
     metrics_dir: str

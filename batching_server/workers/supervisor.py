@@ -159,7 +159,6 @@ class _Supervisor:
             "-m",
             "batching_server.workers.worker",
             f"--index={assignment.index}",
-            f"--count={len(self._slots)}",
             f"--cores={','.join(str(core) for core in assignment.cores)}",
             f"--listen-fd={self._api.fileno()}",
             f"--control-fd={control_fd}",

@@ -23,7 +23,7 @@ import structlog
 
 from ..__main__ import main as server_main
 from ..core.fleet import WorkerRole
-from ..core.readiness import ExitCode, Readiness
+from ..core.readiness import Readiness
 from .control import READY, parse_fleet_message
 
 __all__ = ["main"]
@@ -36,7 +36,6 @@ _PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="batching_server.workers.worker")
     parser.add_argument("--index", type=int, required=True)
-    parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--cores", required=True, help="comma-separated core numbers")
     parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--metrics-fd", type=int)
@@ -125,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores)
     runtime = _Runtime(
-        role=WorkerRole(index=args.index, count=args.count, metrics_dir=args.metrics_dir),
+        role=WorkerRole(index=args.index, metrics_dir=args.metrics_dir),
         listen_fd=args.listen_fd,
         metrics_fd=args.metrics_fd,
         control_fd=args.control_fd,
@@ -135,5 +134,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.exit(code if code is not None else ExitCode.OK)
+    sys.exit(main())

@@ -32,6 +32,7 @@ from tests.test_cli import (
     TIMEOUT_S,
     ServerProcess,
     cli_env,
+    free_port,
     json_lines,
     multipart,
     run_cli,
@@ -255,9 +256,7 @@ def test_a_port_in_use_exits_2_before_any_worker_starts(tmp_path: Path) -> None:
 def test_both_workers_serve_grpc_on_the_port_the_supervisor_reserved(tmp_path: Path) -> None:
     """gRPC cannot take an inherited socket: each worker binds the port the supervisor
     reserved, with SO_REUSEPORT, and the fleet answers gRPC calls."""
-    with socket.socket() as probe:  # a free port (oip.grpc_port = 0 turns gRPC off)
-        probe.bind(("127.0.0.1", 0))
-        grpc_port = probe.getsockname()[1]
+    grpc_port = free_port()  # oip.grpc_port = 0 would turn gRPC off
     server = serve_workers(tmp_path, OIP__GRPC_PORT=str(grpc_port))
     try:
         listening, lines = server.wait_for("listening")
