@@ -855,7 +855,7 @@ def _warmup_has_few_shapes(settings: Settings) -> str | None:
         return None
     if size <= MAX_BATCH_SIZE_WITHOUT_BATCH_SIZES:
         return None
-    powers = [2**i for i in range(size.bit_length()) if 2**i < size] + [size]
+    powers = list(_powers_of_two_to(size))
     return (
         f"batching.max_batch_size ({size}) above {MAX_BATCH_SIZE_WITHOUT_BATCH_SIZES} needs "
         f"batching.batch_sizes with model.warmup: warm-up would run every size from 1 to "
@@ -1043,10 +1043,13 @@ def _with_compiled_shapes(settings: Settings) -> Settings:
     batching = settings.batching
     if batching.batch_sizes or settings.model.compile == "false":
         return settings
-    sizes = [1 << power for power in range(batching.max_batch_size.bit_length())]
-    shapes = tuple(size for size in sizes if size < batching.max_batch_size)
-    batching = dataclasses.replace(batching, batch_sizes=(*shapes, batching.max_batch_size))
+    batching = dataclasses.replace(batching, batch_sizes=_powers_of_two_to(batching.max_batch_size))
     return dataclasses.replace(settings, batching=batching)
+
+
+def _powers_of_two_to(size: int) -> tuple[int, ...]:
+    """The powers of two below ``size``, then ``size``: 1, 2, 4, 8, 12 for 12."""
+    return (*(1 << power for power in range(size.bit_length()) if 1 << power < size), size)
 
 
 def _build_section(
