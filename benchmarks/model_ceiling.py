@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from batching_server.models import RESNET50, ModelRunner, compile_runner, load_runner
-from batching_server.models.acceleration import cpu_flags
+from batching_server.models.acceleration import cpu_flags, cpu_model
 from batching_server.models.threads import available_cores
 from batching_server.observability.logs import configure_logging
 from batching_server.settings import settings_from_mapping
@@ -351,21 +351,10 @@ def format_table(rows: Sequence[dict[str, Any]], batch_sizes: Sequence[int]) -> 
     return "\n".join(lines)
 
 
-def cpu_model() -> str:
-    """The CPU's "model name" from /proc/cpuinfo ("unknown" elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def machine_info(device: str, threads: int) -> dict[str, Any]:
     """What the numbers depend on, recorded next to them."""
     info: dict[str, Any] = {
-        "cpu_model": cpu_model(),
+        "cpu_model": cpu_model() or "unknown",
         "cores": available_cores(),
         "threads": threads,
         "cpu_bf16_flags": sorted({"amx_bf16", "avx512_bf16"} & cpu_flags()),

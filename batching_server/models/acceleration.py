@@ -13,21 +13,32 @@ __all__ = [
     "autocast",
     "choose_precision",
     "cpu_flags",
+    "cpu_model",
 ]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags Linux reports (empty elsewhere)."""
+def _cpuinfo_field(name: str) -> str:
+    """The first ``name`` line of /proc/cpuinfo ("" where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
+            if line.startswith(name):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return ""
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    return frozenset(_cpuinfo_field("flags").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name Linux reports ("" elsewhere)."""
+    return _cpuinfo_field("model name")
 
 
 def choose_precision(

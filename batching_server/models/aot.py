@@ -32,7 +32,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .acceleration import autocast, cpu_flags
+from .acceleration import autocast, cpu_flags, cpu_model
 from .compile_cache import CompileCache, file_digest
 
 __all__ = [
@@ -79,16 +79,8 @@ def device_identity(device: torch.device) -> str:
         major, minor = torch.cuda.get_device_capability(index)
         name = torch.cuda.get_device_name(index)
         return f"cuda:{name}:sm_{major}{minor}:cuda-{torch.version.cuda}"
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
-    return f"cpu:{model}:flags-{flags}"
+    return f"cpu:{cpu_model()}:flags-{flags}"
 
 
 def graph_label(shape: GraphShape) -> str:
