@@ -445,20 +445,12 @@ async def _watchdog_ctx(app: web.Application) -> AsyncIterator[None]:
 
         return stalled
 
-    # Compiling happens while the model loads, before any pass is watched: a warm-up pass
-    # is judged like a serving one.
-    warmup_timeout_s = model.stall_timeout_s
+    # Compiling happens before any pass is watched: a warm-up pass is judged like a serving one.
     watchdogs = [
         StallWatchdog(
-            _BatcherWhenStarted(app),
-            stall_timeout_s=model.stall_timeout_s,
-            on_stall=on_stall(model.stall_timeout_s),
-        ),
-        StallWatchdog(
-            app[_LIFECYCLE].warmup_passes,
-            stall_timeout_s=warmup_timeout_s,
-            on_stall=on_stall(warmup_timeout_s),
-        ),
+            passes, stall_timeout_s=model.stall_timeout_s, on_stall=on_stall(model.stall_timeout_s)
+        )
+        for passes in (_BatcherWhenStarted(app), app[_LIFECYCLE].warmup_passes)
     ]
     tasks = [asyncio.create_task(w.run(), name="stall-watchdog") for w in watchdogs]
     yield
