@@ -56,11 +56,8 @@ class BuildJob:
     spec: ModelSpec
     settings: ModelSettings
     precision: str  # as the parent resolved it
-    channels_last: bool
-    batch_sizes: tuple[int, ...]
     shapes: tuple[tuple[GraphShape, int], ...]
     keys: dict[GraphShape, dict[str, str]]
-    cache_dir: str
     input_size: int
     # The parent's logging set-up (it lives in observability, which models may not import).
     log_setup: Callable[[], None] | None = None
@@ -68,15 +65,13 @@ class BuildJob:
 
 def build_graphs(job: BuildJob) -> None:
     """Build every graph of ``job`` missing from its cache, in the calling process."""
-    root = cache_root(job.cache_dir)
-    if root is None:  # builds_in_background asks for one
-        raise RuntimeError("model.compile_cache_dir is empty: nowhere to build into")
+    root = cache_root(job.settings.compile_cache_dir)
+    assert root is not None  # builds_in_background asks for a cache folder
     forward_pass = ForwardPass(
         module=job.spec.build(job.settings.weights, seed=job.settings.seed),
         device=torch.device("cpu"),
         precision=job.precision,
-        channels_last=job.channels_last,
-        batch_sizes=job.batch_sizes,
+        channels_last=job.settings.channels_last,
     )
 
     def example(size: int) -> torch.Tensor:
@@ -189,8 +184,7 @@ class BackgroundCompile:
         forward_pass = runner.forward_pass
         plan = graph_plan(runner, self._settings, self._batching)
         root = cache_root(self._settings.compile_cache_dir)
-        if root is None:  # builds_in_background asks for one
-            raise RuntimeError("model.compile_cache_dir is empty: nowhere to build into")
+        assert root is not None  # builds_in_background asks for a cache folder
         cache = CompileCache(root=root)
         shapes = sorted(plan.shapes)
         keys = {shape: plan.key(shape) for shape, _ in shapes}
@@ -210,11 +204,8 @@ class BackgroundCompile:
             spec=self._spec,
             settings=self._settings,
             precision=forward_pass.precision,
-            channels_last=forward_pass.channels_last,
-            batch_sizes=forward_pass.batch_sizes,
             shapes=tuple(shapes),
             keys=keys,
-            cache_dir=self._settings.compile_cache_dir,
             input_size=runner.input_size,
             log_setup=self._log_setup,
         )
