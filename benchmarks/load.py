@@ -372,18 +372,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     async def drive(url: str, grpc_target: str, pid: int | None = None) -> None:
         client_model = "" if args.protocol == "predict" else await _model_name(url)
-        client = ClientSpec(args.protocol, client_model, grpc_target).make()
+        spec = ClientSpec(args.protocol, client_model, grpc_target)
+        client = spec.make()
         bodies = [client.prepare(jpeg) for jpeg in jpegs]
         # One short untimed run first: connection set-up and first-touch costs.
         await measure(url, bodies, concurrency=2, duration_s=2, client=client)
+        # Imported here: load_procs builds on this module's client loops.
+        from benchmarks.load_procs import measure_procs
+
         for point in points:
             if args.client_procs > 1:
-                # Imported here: load_procs builds on this module's client loops.
-                from benchmarks.load_procs import measure_procs
-
                 result = await measure_procs(
                     url,
-                    ClientSpec(args.protocol, client_model, grpc_target),
+                    spec,
                     procs=args.client_procs,
                     duration_s=args.duration,
                     pid=pid,

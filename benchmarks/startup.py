@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import signal
 import statistics
@@ -28,6 +29,7 @@ from typing import Any
 
 from benchmarks._common import RESULTS, machine, settings_env, table, write_json
 from benchmarks.load import add_set_option, with_overrides
+from benchmarks.soak import rss_mb
 
 __all__ = ["PHASES", "main", "start_once"]
 
@@ -74,7 +76,8 @@ async def start_once(settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
             if name in PHASES and name not in seen:
                 seen[name] = time.perf_counter() - spawned
         # Memory once ready: the model, and each compiled graph's own copy of the weights.
-        facts["rss_mb"] = _rss_mb(process.pid)
+        rss = rss_mb(process.pid)
+        facts["rss_mb"] = None if math.isnan(rss) else rss
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
@@ -84,18 +87,6 @@ async def start_once(settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 process.kill()
                 await process.wait()
     return {"seconds": seen, **facts}
-
-
-def _rss_mb(pid: int) -> float | None:
-    """Resident memory of ``pid`` in MiB (Linux), None where /proc cannot say."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return None
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:

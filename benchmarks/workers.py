@@ -20,14 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import RESULTS, machine, started_server, table, write_json
-from benchmarks.load import ClientSpec, add_set_option, with_overrides
+from benchmarks.load import ClientSpec, _ints, add_set_option, with_overrides
 from benchmarks.load_procs import measure_procs
 
 __all__ = ["main", "run", "summary"]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part]
 
 
 def rotated(items: Sequence[int], round_index: int) -> list[int]:
