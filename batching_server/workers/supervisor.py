@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 from aioprometheus.collectors import Registry
@@ -87,7 +87,7 @@ class _Slot:
     control: asyncio.StreamWriter | None = None
     ready: bool = False
     startup_failures: int = 0
-    exit_codes: list[int] = field(default_factory=list)
+    last_exit: int | None = None
 
 
 def _exit_code(returncode: int) -> int:
@@ -148,8 +148,7 @@ class _Supervisor:
                 task.cancel()
         if self._failure is not None:
             return self._failure
-        codes = [code for slot in self._slots for code in slot.exit_codes[-1:]]
-        return next((code for code in codes if code), ExitCode.OK)
+        return next((slot.last_exit for slot in self._slots if slot.last_exit), ExitCode.OK)
 
     def _command(self, slot: _Slot, control_fd: int) -> tuple[list[str], tuple[int, ...]]:
         assignment = slot.assignment
@@ -240,7 +239,7 @@ class _Supervisor:
 
     async def _on_exit(self, slot: _Slot, code: int) -> None:
         index = slot.assignment.index
-        slot.exit_codes.append(code)
+        slot.last_exit = code
         was_ready, slot.ready = slot.ready, False
         if slot.control is not None:
             slot.control.close()
@@ -287,6 +286,9 @@ class _Supervisor:
             self._stop(failure=code or ExitCode.STARTUP_FAILED)
         else:
             log.info("worker_stopped", worker=index, exit_code=code)
+        self._note_if_all_exited()
+
+    def _note_if_all_exited(self) -> None:
         if all(s.process is None or s.process.returncode is not None for s in self._slots):
             self._all_exited.set()
 
@@ -307,8 +309,7 @@ class _Supervisor:
         for slot in self._slots:
             if slot.process is not None and slot.process.returncode is None:
                 slot.process.send_signal(sig)
-        if all(s.process is None or s.process.returncode is not None for s in self._slots):
-            self._all_exited.set()
+        self._note_if_all_exited()
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
@@ -334,40 +335,32 @@ class _Supervisor:
 
 def _bind(host: str, port: int, *, section: str) -> socket.socket:
     """A listening socket on ``host:port``; OSError's message names the fix."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.listen(BACKLOG)
-        except OSError:
-            sock.close()
-            raise
-    except OSError as exc:
-        message = cannot_listen_message(exc, host, port, section=section)
-        raise OSError(exc.errno, message) from exc
-    return sock
+    return _socket(host, port, reuse=socket.SO_REUSEADDR, section=section)
 
 
 def _reserve(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` with SO_REUSEPORT, never listening: the workers'
     gRPC servers join it with SO_REUSEPORT; OSError's message names the fix."""
+    return _socket(host, port, reuse=socket.SO_REUSEPORT, section="oip", prefix="grpc_")
+
+
+def _socket(host: str, port: int, *, reuse: int, section: str, prefix: str = "") -> socket.socket:
+    # Listens unless it only reserves the port for the workers (SO_REUSEPORT).
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
         sock = socket.socket(family, kind, proto)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.setsockopt(socket.SOL_SOCKET, reuse, 1)
             sock.bind(address)
+            if reuse != socket.SO_REUSEPORT:
+                sock.listen(BACKLOG)
         except OSError:
             sock.close()
             raise
     except OSError as exc:
-        message = cannot_listen_message(exc, host, port, section="oip", prefix="grpc_")
+        message = cannot_listen_message(exc, host, port, section=section, prefix=prefix)
         raise OSError(exc.errno, message) from exc
     return sock
 
