@@ -97,6 +97,13 @@ class Lookup(Generic[T]):
     path: Path
 
 
+def _open(artifact: Path, load: Callable[[Path], T]) -> T:
+    try:
+        return load(artifact)
+    except Exception as exc:  # whatever the loader raises, the entry is unusable
+        raise CacheEntryError(f"corrupt: {ARTIFACT} does not load ({exc})") from exc
+
+
 class CompileCache:
     """Entries under ``root``, each named ``<label>-<digest of the key>``."""
 
@@ -129,7 +136,8 @@ class CompileCache:
             if _stamp(entry) != seen and (found := self._cached(entry, key, load)) is not None:
                 return found
             self._build(entry, key, build)
-        return Lookup(self._load(entry, key, load), built=True, path=entry)
+        # Just written and checksummed by this process, under the lock: loaded, not re-read.
+        return Lookup(_open(entry / ARTIFACT, load), built=True, path=entry)
 
     def _cached(
         self, entry: Path, key: Mapping[str, str], load: Callable[[Path], T]
@@ -175,14 +183,10 @@ class CompileCache:
             raise CacheEntryError(f"corrupt: cannot read {ARTIFACT} ({exc})") from exc
         if digest != manifest.get("sha256"):
             raise CacheEntryError(f"corrupt: {ARTIFACT} does not match its checksum")
-        try:
-            return load(artifact)
-        except Exception as exc:  # whatever the loader raises, the entry is unusable
-            raise CacheEntryError(f"corrupt: {ARTIFACT} does not load ({exc})") from exc
+        return _open(artifact, load)
 
     def _build(self, entry: Path, key: Mapping[str, str], build: Callable[[Path], None]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._remove_leftovers()
+        self._remove_leftovers()  # the root exists: _build_lock made it
         # Beside the entry, so the rename that publishes it stays on one file system.
         staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=self.root))
         try:
